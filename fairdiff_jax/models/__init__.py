@@ -1,0 +1,1 @@
+"""Flax networks, each proven equal to its PyTorch reference in tests/."""

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs requirements.txt into it; a second run is a no-op unless
+# requirements.txt changed (its hash is stamped inside the venv).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv"
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] installing requirements into $venv (first run: ~2 minutes, ~6 GB)" >&2
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+"$venv/bin/python" -m pip install -q -r "$root/requirements.txt" 2>&1 | grep -v "is ignored" >&2 || true
+# pip's exit status is hidden by the filter above: check the install really worked.
+"$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, torch, torchvision, diffusers, transformers, ot" \
+  || { echo "[setup] install failed: see pip output above" >&2; exit 1; }
+echo "$want" > "$stamp"
