@@ -1,0 +1,242 @@
+"""torchvision's `mobilenet_v3_large` in Flax: the gender / race / age classifiers of the face chips.
+
+The network is torchvision's, layer for layer (its inverted-residual table, hardswish / ReLU,
+squeeze-excitation with hardsigmoid, BatchNorm eps 0.001, classifier
+Linear(960, 1280) + Hardswish + Dropout + Linear(1280, num_classes)); only the last layer's width
+differs between the project's classifiers: 6 for the training classifier (logits[:, :2] gender,
+logits[:, 2:6] race), 2 for the gender and age test classifiers, 4 for the race test classifier.
+
+Inference only: BatchNorm always uses its running statistics and dropout is the identity. The
+running statistics live in the `batch_stats` collection, as Flax's BatchNorm keeps them, so the
+variables are `{'params': ..., 'batch_stats': ...}` and convert one to one from a torchvision
+state dict (no folding into the convolutions: the converted tree stays comparable key by key).
+
+Submodules are named after torchvision's modules (`features_4/block_2/fc1`,
+`classifier_3`), so the generic converter of `fairdiff_jax.weights` maps the state dict with two
+renaming rules that route each tensor to its collection.
+"""
+
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from fairdiff_jax import weights
+
+BATCH_NORM_EPS = 1e-3  # torchvision's MobileNetV3 norm layer: BatchNorm2d(eps=0.001, momentum=0.01)
+HEAD_KEY = "classifier.3.weight"
+
+
+class InvertedResidualConfig(NamedTuple):
+    input_channels: int
+    kernel: int
+    expanded_channels: int
+    out_channels: int
+    use_se: bool
+    use_hardswish: bool  # False: ReLU
+    stride: int
+
+
+# torchvision `_mobilenet_v3_conf("mobilenet_v3_large")` with width_mult 1, no reduced tail, no dilation.
+LARGE_CONFIG = (
+    InvertedResidualConfig(16, 3, 16, 16, False, False, 1),
+    InvertedResidualConfig(16, 3, 64, 24, False, False, 2),
+    InvertedResidualConfig(24, 3, 72, 24, False, False, 1),
+    InvertedResidualConfig(24, 5, 72, 40, True, False, 2),
+    InvertedResidualConfig(40, 5, 120, 40, True, False, 1),
+    InvertedResidualConfig(40, 5, 120, 40, True, False, 1),
+    InvertedResidualConfig(40, 3, 240, 80, False, True, 2),
+    InvertedResidualConfig(80, 3, 200, 80, False, True, 1),
+    InvertedResidualConfig(80, 3, 184, 80, False, True, 1),
+    InvertedResidualConfig(80, 3, 184, 80, False, True, 1),
+    InvertedResidualConfig(80, 3, 480, 112, True, True, 1),
+    InvertedResidualConfig(112, 3, 672, 112, True, True, 1),
+    InvertedResidualConfig(112, 5, 672, 160, True, True, 2),
+    InvertedResidualConfig(160, 5, 960, 160, True, True, 1),
+    InvertedResidualConfig(160, 5, 960, 160, True, True, 1),
+)
+LAST_CHANNEL = 1280
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    """torchvision's channel rounding (nearest multiple of `divisor`, never more than 10% down)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _conv_bn(
+    module: nn.Module,
+    x: jax.Array,
+    prefix: str,
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    activation: Optional[Callable[[jax.Array], jax.Array]] = None,
+) -> jax.Array:
+    """torchvision's Conv2dNormActivation: `<prefix>_0` conv (no bias), `<prefix>_1` BatchNorm, activation.
+
+    A function called from `module`'s compact method rather than a submodule, so that both layers
+    sit directly under `module` as torch's `features.0.0` / `features.0.1` do. PyTorch pads (k - 1) // 2 on every side; Flax's 'SAME' would pad asymmetrically at stride 2.
+    """
+    pad = (kernel - 1) // 2
+    x = nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name=f"{prefix}_0",
+    )(x)
+    x = nn.BatchNorm(
+        use_running_average=True,
+        epsilon=BATCH_NORM_EPS,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name=f"{prefix}_1",
+    )(x)
+    return activation(x) if activation is not None else x
+
+
+class SqueezeExcitation(nn.Module):
+    """x * hardsigmoid(fc2(relu(fc1(mean_hw(x))))) with 1x1 convs `fc1`, `fc2` (with bias)."""
+
+    squeeze_channels: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = lambda features, name: nn.Conv(  # noqa: E731
+            features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        scale = jnp.mean(x, axis=(1, 2), keepdims=True)
+        scale = nn.relu(conv(self.squeeze_channels, "fc1")(scale))
+        scale = jax.nn.hard_sigmoid(conv(x.shape[-1], "fc2")(scale))
+        return x * scale
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's InvertedResidual: [expand 1x1] -> depthwise kxk -> [SE] -> project 1x1 (+ input)."""
+
+    config: InvertedResidualConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        activation = jax.nn.hard_swish if cfg.use_hardswish else nn.relu
+        # torchvision numbers the layers of `block` as a Sequential: the expand conv exists only when
+        # it changes the width, so the indices shift with it.
+        index = 0
+        y = x
+        if cfg.expanded_channels != cfg.input_channels:
+            y = _conv_bn(self, y, f"block_{index}", cfg.expanded_channels, 1, activation=activation)
+            index += 1
+        y = _conv_bn(
+            self, y, f"block_{index}", cfg.expanded_channels, cfg.kernel, cfg.stride,
+            groups=cfg.expanded_channels, activation=activation,
+        )
+        index += 1
+        if cfg.use_se:
+            squeeze = _make_divisible(cfg.expanded_channels // 4)
+            y = SqueezeExcitation(squeeze, self.dtype, self.param_dtype, name=f"block_{index}")(y)
+            index += 1
+        y = _conv_bn(self, y, f"block_{index}", cfg.out_channels, 1)
+        if cfg.stride == 1 and cfg.input_channels == cfg.out_channels:
+            y = y + x
+        return y
+
+
+class MobileNetV3Large(nn.Module):
+    """Face-chip attribute classifier.
+
+    Input: face chips [N, H, W, 3] in [-1, 1], fed as they are (no mean/std normalisation, as the
+    original classifiers were trained); 224 x 224 in the project, any size of at least 32 works.
+    Output: logits [N, num_classes] float32.
+    """
+
+    num_classes: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, face_chips: jax.Array) -> jax.Array:
+        x = face_chips.astype(self.dtype)
+        x = _conv_bn(self, x, "features_0", LARGE_CONFIG[0].input_channels, 3, 2, activation=jax.nn.hard_swish)
+        for i, cfg in enumerate(LARGE_CONFIG, start=1):
+            x = InvertedResidual(cfg, self.dtype, self.param_dtype, name=f"features_{i}")(x)
+        last = len(LARGE_CONFIG) + 1
+        x = _conv_bn(self, x, f"features_{last}", 6 * LARGE_CONFIG[-1].out_channels, 1, activation=jax.nn.hard_swish)
+        x = jnp.mean(x, axis=(1, 2))
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        x = jax.nn.hard_swish(dense(LAST_CHANNEL, "classifier_0")(x))
+        # classifier_2 is torchvision's Dropout(0.2): the identity at inference.
+        return dense(self.num_classes, "classifier_3")(x).astype(jnp.float32)
+
+
+# Route each torch tensor to its Flax collection: BatchNorm running statistics to `batch_stats`
+# (`running_mean` -> `mean`, `running_var` -> `var`), everything else to `params`.
+BATCH_STATS_RENAME_RULES = (
+    (r"^(.*)\.running_(mean|var)$", r"batch_stats.\1.\2"),
+    (r"^(?!batch_stats\.)", "params."),
+)
+BATCH_STATS_IGNORE = (r"\.num_batches_tracked$",)
+
+
+def convert_with_batch_stats(
+    state_dict: dict, target_variables: dict, *, source: str, rename_rules: weights.RenameRules = ()
+) -> dict:
+    """A torch state dict (BatchNorm buffers included) -> `{'params', ['batch_stats']}` of known shapes.
+
+    `rename_rules` run first, on the torch names; then the collection routing above; then the
+    generic rule of `weights.convert_state_dict`, whose errors name the file and every bad key.
+    """
+    return weights.convert_state_dict(
+        state_dict,
+        target_variables,
+        source=source,
+        rename_rules=tuple(rename_rules) + BATCH_STATS_RENAME_RULES,
+        ignore=BATCH_STATS_IGNORE,
+    )
+
+
+def variable_shapes(module: nn.Module, image_size: int) -> dict:
+    """The module's variables as ShapeDtypeStructs (no initialisation is compiled)."""
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return dict(jax.eval_shape(module.init, jax.random.key(0), dummy))
+
+
+def load_mobilenet_v3(
+    path: str | Path,
+    num_classes: Optional[int] = None,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> tuple[MobileNetV3Large, dict]:
+    """A torchvision mobilenet_v3_large state dict saved with torch.save -> (module, variables).
+
+    The file may hold the state dict itself or a dict wrapping it under 'state_dict' / 'model'
+    (`weights.read_state_dict`). The head width is read from `classifier.3.weight`; when
+    `num_classes` is given it must agree. Variables come back as numpy arrays
+    (`{'params': ..., 'batch_stats': ...}`); put them on device with the sharding you need.
+    """
+    state_dict = weights.read_state_dict(path)
+    if HEAD_KEY not in state_dict:
+        raise weights.WeightLoadError(f"{path} has no {HEAD_KEY!r}: not a torchvision mobilenet_v3_large state dict")
+    file_classes = state_dict[HEAD_KEY].shape[0]
+    if num_classes is not None and num_classes != file_classes:
+        raise weights.WeightLoadError(
+            f"{path}: {HEAD_KEY} has {file_classes} output classes, but {num_classes} were asked for"
+        )
+    module = MobileNetV3Large(file_classes, dtype=dtype, param_dtype=param_dtype)
+    variables = convert_with_batch_stats(state_dict, variable_shapes(module, 32), source=str(path))
+    return module, variables
