@@ -1,0 +1,141 @@
+"""The shared base of every experiment config: experiment 5's values (SPEC section 3) in one place.
+
+Each configs/<name>.py calls `get_base_config()` and changes only what makes it that experiment.
+Groups:
+  model   the frozen networks: files, compute dtype, attention kernel, remat, CFG scale
+  lora    what is trained (rank, text encoder and/or UNet)
+  optim   AdamW and the EMA
+  train   steps, images per prompt (global batch), micro-batches, denoising steps, logging cadence
+  loss    distributional alignment: weights, factors, thresholds, OT samples
+  faces   face chip sizes
+  target  the debiased attributes and their target marginals
+  data    prompt files and how the kinds are mixed
+  ckpt    checkpoint cadence and retention
+  eval    in-training evaluation (current and EMA weights)
+  generate  defaults for `python -m fairdiff_jax.generate`
+
+Asset paths are under `assets_dir` (default ./assets, laid out like the original release's data/
+folder), so one override moves them all: `--config.assets_dir=/mnt/assets`. `workdir` follows `name`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Class-head layout of the training classifier (SPEC 1): logits[0:2] gender, logits[2:6] race.
+GENDER_RACE_HEADS = (("gender", 2), ("race", 4))
+UNIFORM_GENDER = (0.5, 0.5)
+UNIFORM_RACE = (0.25, 0.25, 0.25, 0.25)
+
+# Training prompt mix of experiment 5 (SPEC 4): each kind's train prompts repeated so that the four
+# kinds come up about equally often. Files are <data.prompts_dir>/<kind>.json.
+MULTI_CONCEPT_PROMPTS = {
+    "occupation": 1,
+    "occupation_w_style_and_context": 6,
+    "personal_descriptor": 20,
+    "sports": 4,
+}
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "debias"
+    config.workdir = config_dict.FieldReference("workdirs/") + config.get_ref("name")
+    config.seed = 5991
+    config.assets_dir = "assets"
+    assets = config.get_ref("assets_dir")
+
+    config.model = ml_collections.ConfigDict()
+    config.model.sd_path = assets + "/stable-diffusion-v1-5"  # diffusers folder (unet/, vae/, text_encoder/, ...)
+    config.model.dtype = "bfloat16"  # compute/storage dtype of the frozen networks; LoRA, EMA, losses stay float32
+    config.model.attention_impl = "xla"  # 'xla' | 'cudnn' | 'einsum' (models/attention.py)
+    config.model.remat = True  # rematerialise UNet / VAE blocks in the backward pass (the original's grad checkpointing)
+    config.model.guidance_scale = 7.5
+    config.model.classifier_path = (
+        assets + "/2-trained-classifiers/fairface_MobileNetLarge_GenderRace4_09041216/epoch=9-step=3380_MobileNetLarge.pt"
+    )
+    config.model.classifier_heads = GENDER_RACE_HEADS  # (attribute, classes) in logit order
+    config.model.face_bank_path = assets + "/3-face-features/FairFace_MobileNetLarge_GenderRace4_09041634/face_feats.pkl"
+    config.model.sfnet_path = (
+        assets + "/4-opensphere_checkpoints/opensphere_checkpoints/20220424_210641/models/backbone_100000.pth"
+    )
+    config.model.sfnet_variant = "sfnet20_deprecated"  # SPEC 1a; 'sfnet20' adds BatchNorm
+    config.model.clip_vision_path = assets + "/CLIP-ViT-H-14-laion2B-s32B-b79K"  # transformers folder
+    config.model.dinov2_path = assets + "/dinov2-base"  # transformers folder (DINOv2 ViT-B/14)
+
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 50
+    config.lora.train_text_encoder = True
+    config.lora.train_unet = False
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 5e-5  # constant, no warm-up
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 1e-2
+    config.optim.ema_decay = 0.996  # maximum decay of the diffusers-0.19 EMA rule (optim.py)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.max_steps = 15000
+    config.train.images_per_prompt = 40  # per step, over ALL devices (the original: 20 per GPU x 2 GPUs)
+    config.train.micro_batch_size = 4  # images per backward pass per device (memory); 3 when the UNet trains
+    config.train.generation_batch_size = 8  # images per no-gradient sampling call per device
+    config.train.min_denoising_steps = 19  # each step draws its number of denoising steps
+    config.train.max_denoising_steps = 23  # uniformly from [min, max], the same on all devices
+    config.train.log_every_steps = 1
+    config.train.plot_every_steps = 20  # annotated image grids of the training batch
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.weight_img = 8.0  # image-semantics (CLIP + DINOv2) loss
+    config.loss.weight_face = 0.1  # face-realism loss
+    # factor1: image-semantics weight when the target differs from the original image's prediction;
+    # factor2: face-region gradient scale 1/factor2 (SPEC 5 step 7). Per attribute.
+    config.loss.factor1 = ml_collections.ConfigDict({"gender": 0.2, "race": 0.6})
+    config.loss.factor2 = ml_collections.ConfigDict({"gender": 0.2, "race": 0.3})
+    config.loss.uncertainty_threshold = 0.2
+    config.loss.confidence_level = 0.8  # original-face feature as target only if every attribute prob >= this
+    config.loss.img_size_small = 224  # CLIP / DINOv2 input size
+    # Sampled target-count vectors for the OT targets, over the gathered batch: the original drew 100
+    # per GPU on 2 GPUs and summed the plans, i.e. 200 (alignment.optimal_transport_targets).
+    config.loss.ot_num_samples = 200
+
+    config.faces = ml_collections.ConfigDict()
+    config.faces.size_face = 224  # square face chip for the classifier
+    config.faces.size_aligned_face = 112  # ArcFace-aligned chip for SFNet
+
+    config.target = ml_collections.ConfigDict()
+    config.target.attributes = ("gender", "race")  # order = joint class order (j = 4 * g + r)
+    config.target.marginals = ml_collections.ConfigDict({"gender": UNIFORM_GENDER, "race": UNIFORM_RACE})
+
+    config.data = ml_collections.ConfigDict()
+    config.data.prompts_dir = "fairdiff_jax/data/prompts"
+    config.data.prompt_repeats = ml_collections.ConfigDict(MULTI_CONCEPT_PROMPTS)
+    config.data.shuffle_seed = config.get_ref("seed") + 1  # the original shuffled epochs with seed + 1
+
+    config.ckpt = ml_collections.ConfigDict()
+    config.ckpt.every_steps = 20  # temporary checkpoints ...
+    config.ckpt.keep = 2  # ... of which the newest 2 are kept
+    config.ckpt.permanent_every_steps = 200  # never deleted
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 200
+    config.eval.at_start = True  # also at step 0 (the unmodified model)
+    config.eval.ema = True  # evaluate the EMA weights too
+    config.eval.images_per_prompt = 48  # over all devices (the original: 24 per GPU x 2)
+    config.eval.batch_size = 8  # per device
+    config.eval.num_denoising_steps = 25
+    config.eval.prompts_per_kind = 5  # validation prompts: the first N of each kind's
+
+    config.generate = ml_collections.ConfigDict()
+    config.generate.num_denoising_steps = 30
+    config.generate.images_per_prompt = 160
+    config.generate.batch_size = 10
+    return config
+
+
+def occupation_prompts_only(config: ml_collections.ConfigDict) -> None:
+    """The single-concept experiments (original exp 1, 3, 4, 6) train on occupation prompts only. They
+    validated on all 28 occupation validation prompts; here validation keeps exp 5's first 5 of each kind
+    (occupations plus three kinds never trained on: a view of how far the debiasing carries)."""
+    config.data.prompt_repeats = ml_collections.ConfigDict({kind: 0 for kind in MULTI_CONCEPT_PROMPTS})
+    config.data.prompt_repeats.occupation = 1
