@@ -1,0 +1,146 @@
+"""Sampling throughput: fairdiff_jax's jitted sampler vs diffusers' PyTorch StableDiffusionPipeline.
+
+Both run the same random-weight model (the JAX params are converted from the PyTorch modules), the
+same scheduler (DPM-Solver++(2M), final sigma as the original), the same text conditioning (one
+prompt, the original's unpadded form), guidance 7.5, batch and step count, and return host arrays.
+Timings exclude the first call (JAX compilation, PyTorch warm-up), which is reported separately.
+
+    .venv/bin/python scripts/benchmark_sampling.py          # tiny model, CPU is fine
+    taskset -c 0 .venv/bin/python scripts/benchmark_sampling.py --torch_threads 1   # one core each, fair on a busy CPU
+    .venv/bin/python scripts/benchmark_sampling.py --sd15-shapes --dtype bfloat16 --batch_size 8   # GPU/TPU
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from fairdiff_jax import sampler, tiny_sd, weights
+from fairdiff_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, clip_text_params
+from fairdiff_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
+from fairdiff_jax.models.vae import AutoencoderKLDecoder, VAEDecoderConfig, vae_decoder_params
+from fairdiff_jax.stable_diffusion import StableDiffusion, encode_prompt_pair
+
+PROMPT = "a photo of the face of a doctor, a person"
+DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16), "float16": (jnp.float16, torch.float16)}
+
+# SD v1-5's architecture (its unet/, vae/, text_encoder/ config.json); weights random.
+SD15_UNET = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+def jax_model_from_torch(pipe, dtype, attention_impl: str) -> StableDiffusion:
+    """The project's StableDiffusion bundle with the PyTorch pipeline's weights (no folder on disk)."""
+    state = lambda m: {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
+    as_jax = lambda tree: jax.tree.map(jnp.asarray, tree)
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(pipe.unet.config)), dtype, dtype, attention_impl)
+    unet_params = weights.convert_state_dict(state(pipe.unet), unet_param_shapes(unet), source="torch UNet")
+    vae = AutoencoderKLDecoder(VAEDecoderConfig.from_dict(dict(pipe.vae.config)), dtype, dtype, attention_impl)
+    vae_params = vae_decoder_params(vae, state(pipe.vae), "torch VAE")
+    text = CLIPTextTransformer(CLIPTextConfig.from_dict(pipe.text_encoder.config.to_dict()), dtype, dtype, attention_impl)
+    text_params = clip_text_params(text, state(pipe.text_encoder), "torch text encoder")
+    return StableDiffusion(
+        unet, as_jax(unet_params), vae, as_jax(vae_params), text, as_jax(text_params), pipe.tokenizer, sampler.SchedulerConfig()
+    )
+
+
+def torch_prompt_pair(pipe, prompt: str, device):
+    """The original's conditioning: unpadded prompt, "" padded to its length, attention masks."""
+    tok = pipe.tokenizer
+    cond_in = tok(prompt, truncation=True, max_length=tok.model_max_length, return_tensors="pt").to(device)
+    uncond_in = tok("", padding="max_length", max_length=cond_in.input_ids.shape[1], return_tensors="pt").to(device)
+    with torch.no_grad():
+        cond = pipe.text_encoder(cond_in.input_ids, attention_mask=cond_in.attention_mask)[0]
+        uncond = pipe.text_encoder(uncond_in.input_ids, attention_mask=uncond_in.attention_mask)[0]
+    return cond, uncond
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, mean seconds of the next `repeats` calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return first, (time.perf_counter() - start) / repeats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sd15-shapes", action="store_true", help="SD v1-5-sized random model instead of the tiny one")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="both frameworks' model dtype")
+    parser.add_argument("--attention_impl", default="xla", help="the JAX side's attention kernel")
+    parser.add_argument(
+        "--torch_threads", type=int, help="PyTorch CPU threads (on a shared CPU, pin the run with taskset and set this to match)"
+    )
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    jax_dtype, torch_dtype = DTYPES[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    configs = dict(unet_config=SD15_UNET, vae_config=SD15_VAE, text_encoder_config=SD15_TEXT) if args.sd15_shapes else {}
+    pipe = tiny_sd.build_torch_pipeline(seed=0, **configs)
+    sd = jax_model_from_torch(pipe, jax_dtype, args.attention_impl)
+    pipe = pipe.to(device, torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    b, (h, w, c) = args.batch_size, sd.latent_shape
+    print(f"model: {'SD v1-5 shapes' if args.sd15_shapes else 'tiny'}, {sd.image_size}x{sd.image_size} images, "
+          f"batch {b}, {args.steps} steps, {args.dtype}; JAX on {jax.devices()[0].platform}, PyTorch on {device}")
+
+    cond, uncond = encode_prompt_pair(sd, PROMPT)
+    schedule = sd.schedule(args.steps)
+    noise = jax.random.normal(jax.random.key(0), (b, h, w, c))
+    run_jax = lambda: np.asarray(
+        sampler.sample_images(sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, 7.5)
+    )
+    jax_first, jax_time = timed(run_jax, args.repeats)
+
+    torch_cond, torch_uncond = torch_prompt_pair(pipe, PROMPT, device)
+    latents = torch.from_numpy(np.array(noise)).permute(0, 3, 1, 2).to(device, torch_dtype)
+    run_torch = lambda: pipe(
+        prompt_embeds=torch_cond, negative_prompt_embeds=torch_uncond, num_images_per_prompt=b, latents=latents,
+        num_inference_steps=args.steps, guidance_scale=7.5, height=sd.image_size, width=sd.image_size, output_type="np",
+    ).images
+    torch_first, torch_time = timed(run_torch, args.repeats)
+
+    print(f"fairdiff_jax: {b / jax_time:8.2f} images/s ({jax_time:.3f} s/batch; first call incl. compile {jax_first:.1f} s)")
+    print(f"diffusers:    {b / torch_time:8.2f} images/s ({torch_time:.3f} s/batch; first call {torch_first:.1f} s)")
+    print(f"speed ratio fairdiff_jax / diffusers: {torch_time / jax_time:.2f}")
+
+
+if __name__ == "__main__":
+    main()
