@@ -36,7 +36,7 @@ import ot
 from numpy.typing import ArrayLike
 
 from fairdiff_jax.face_bank import nearest_bank_features
-from fairdiff_jax.models.sfnet import l2_normalize
+from fairdiff_jax.models.common import l2_normalize
 
 # Marks "no target" / "no prediction" (no face, or a target too uncertain to train on).
 NO_TARGET = -1

@@ -16,6 +16,7 @@ ever compiled. Every mismatch (missing, unexpected, wrong shape) raises `WeightL
 file and the keys.
 """
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -82,6 +83,20 @@ def find_weights_file(folder: str | Path, stems: Iterable[str]) -> Path:
             if candidate.is_file():
                 return candidate
     raise WeightLoadError(f"no weights file in {folder} (looked for {', '.join(tried)})")
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """`folder/config.json` as a dict; WeightLoadError naming the folder or file when absent or malformed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightLoadError(f"model folder not found: {folder}")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise WeightLoadError(f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightLoadError(f"{path} is not valid JSON: {e}") from e
 
 
 def torch_key_to_flax_path(key: str) -> tuple[str, ...]:
@@ -176,26 +191,35 @@ def convert_state_dict(
     return traverse_util.unflatten_dict(params)
 
 
+# Route each torch tensor to its Flax collection: BatchNorm running statistics to `batch_stats`
+# (`running_mean` -> `mean`, `running_var` -> `var`), everything else to `params`.
+BATCH_STATS_RENAME_RULES = (
+    (r"^(.*)\.running_(mean|var)$", r"batch_stats.\1.\2"),
+    (r"^(?!batch_stats\.)", "params."),
+)
+BATCH_STATS_IGNORE = (r"\.num_batches_tracked$",)
+
+
+def convert_with_batch_stats(
+    state_dict: dict, target_variables: dict, *, source: str, rename_rules: RenameRules = ()
+) -> dict:
+    """A torch state dict (BatchNorm buffers included) -> `{'params', ['batch_stats']}` of known shapes.
+
+    `rename_rules` run first, on the torch names; then the collection routing above; then the
+    generic rule of `weights.convert_state_dict`, whose errors name the file and every bad key.
+    """
+    return convert_state_dict(
+        state_dict,
+        target_variables,
+        source=source,
+        rename_rules=tuple(rename_rules) + BATCH_STATS_RENAME_RULES,
+        ignore=BATCH_STATS_IGNORE,
+    )
+
+
 def _module_index(flat_target: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], dict[str, Any]]:
     """{module path: {leaf name: leaf}} for every module that owns leaves."""
     modules: dict[tuple[str, ...], dict[str, Any]] = {}
     for path, leaf in flat_target.items():
         modules.setdefault(path[:-1], {})[path[-1]] = leaf
     return modules
-
-
-def random_params_like(target_shapes: Mapping[str, Any], seed: int = 0, std: float = 0.02) -> dict[str, Any]:
-    """Random numpy params with the target's structure, for tests and demos (no Flax init compiled).
-
-    Kernels and embeddings ~ N(0, std); scales = 1; biases ~ N(0, std) so that parity tests exercise them.
-    """
-    rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(dict(target_shapes))
-    out = {}
-    for path, leaf in flat.items():
-        if path[-1] == "scale":
-            value = np.ones(leaf.shape)
-        else:
-            value = rng.normal(0.0, std, leaf.shape)
-        out[path] = value.astype(leaf.dtype)
-    return traverse_util.unflatten_dict(out)

@@ -22,7 +22,6 @@ float32 one; the feature functions return float32.
 """
 
 import dataclasses
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.models.attention import AttentionImpl, dot_product_attention
-from fairdiff_jax.weights import WeightLoadError, convert_state_dict, find_weights_file, read_state_dict
+from fairdiff_jax.models.common import l2_normalize
+from fairdiff_jax.weights import WeightLoadError, convert_state_dict, find_weights_file, read_config_json, read_state_dict
 
 Dtype = Any
 Params = Mapping[str, Any]
@@ -187,11 +187,6 @@ class MLP(nn.Module):
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         h = ACTIVATIONS[self.activation](dense(self.hidden_features, name="fc1")(x))
         return dense(x.shape[-1], name="fc2")(h)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """x / max(||x||, 1e-12) over the last axis, like torch.nn.functional.normalize."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
@@ -387,20 +382,6 @@ def clip_image_embeds(model: CLIPVisionWithProjection, params: Params, images: j
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def read_config_json(folder: str | Path) -> dict[str, Any]:
-    """`folder/config.json` as a dict; WeightLoadError naming the folder or file when absent or malformed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise WeightLoadError(f"model folder not found: {folder}")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise WeightLoadError(f"no config.json in {folder}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightLoadError(f"{path} is not valid JSON: {e}") from e
 
 
 def clip_text_params(model: CLIPTextTransformer, state_dict: Mapping[str, np.ndarray], source: str) -> Params:

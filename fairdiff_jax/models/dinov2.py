@@ -34,12 +34,11 @@ from fairdiff_jax.models.clip import (
     check_activation,
     check_heads,
     known_fields,
-    l2_normalize,
     layer_norm,
-    read_config_json,
     resize_bilinear,
 )
-from fairdiff_jax.weights import WeightLoadError, convert_state_dict, find_weights_file, read_state_dict
+from fairdiff_jax.models.common import l2_normalize
+from fairdiff_jax.weights import WeightLoadError, convert_state_dict, find_weights_file, read_config_json, read_state_dict
 
 Dtype = Any
 Params = Mapping[str, Any]

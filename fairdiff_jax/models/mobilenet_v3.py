@@ -183,32 +183,6 @@ class MobileNetV3Large(nn.Module):
         return dense(self.num_classes, "classifier_3")(x).astype(jnp.float32)
 
 
-# Route each torch tensor to its Flax collection: BatchNorm running statistics to `batch_stats`
-# (`running_mean` -> `mean`, `running_var` -> `var`), everything else to `params`.
-BATCH_STATS_RENAME_RULES = (
-    (r"^(.*)\.running_(mean|var)$", r"batch_stats.\1.\2"),
-    (r"^(?!batch_stats\.)", "params."),
-)
-BATCH_STATS_IGNORE = (r"\.num_batches_tracked$",)
-
-
-def convert_with_batch_stats(
-    state_dict: dict, target_variables: dict, *, source: str, rename_rules: weights.RenameRules = ()
-) -> dict:
-    """A torch state dict (BatchNorm buffers included) -> `{'params', ['batch_stats']}` of known shapes.
-
-    `rename_rules` run first, on the torch names; then the collection routing above; then the
-    generic rule of `weights.convert_state_dict`, whose errors name the file and every bad key.
-    """
-    return weights.convert_state_dict(
-        state_dict,
-        target_variables,
-        source=source,
-        rename_rules=tuple(rename_rules) + BATCH_STATS_RENAME_RULES,
-        ignore=BATCH_STATS_IGNORE,
-    )
-
-
 def variable_shapes(module: nn.Module, image_size: int) -> dict:
     """The module's variables as ShapeDtypeStructs (no initialisation is compiled)."""
     dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -238,5 +212,5 @@ def load_mobilenet_v3(
             f"{path}: {HEAD_KEY} has {file_classes} output classes, but {num_classes} were asked for"
         )
     module = MobileNetV3Large(file_classes, dtype=dtype, param_dtype=param_dtype)
-    variables = convert_with_batch_stats(state_dict, variable_shapes(module, 32), source=str(path))
+    variables = weights.convert_with_batch_stats(state_dict, variable_shapes(module, 32), source=str(path))
     return module, variables

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from fairdiff_jax import weights
-from fairdiff_jax.models.mobilenet_v3 import convert_with_batch_stats
+from fairdiff_jax.models.common import l2_normalize
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 STAGE_BLOCKS = (1, 2, 4, 1)  # SFNet-20
@@ -119,12 +119,6 @@ class _ResidualBlock(nn.Module):
         return x + nn.relu(y)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize), finite gradient at 0."""
-    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
-
-
 def face_features(module: SFNet20, variables: dict, aligned_faces: jax.Array) -> jax.Array:
     """normalize(f(x) + f(flip_lr(x))): the face-realism feature of the original.
 
@@ -165,7 +159,7 @@ def load_sfnet(
     dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
     target = dict(jax.eval_shape(module.init, jax.random.key(0), dummy))
     variant = "sfnet20" if batch_norm else "sfnet20_deprecated"
-    variables = convert_with_batch_stats(
+    variables = weights.convert_with_batch_stats(
         state_dict, target, source=f"{path} (read as {variant})", rename_rules=_RENAME_RULES
     )
     return module, variables

@@ -231,7 +231,8 @@ class Attention(_Layers):
     upcast: bool = False
 
     @nn.compact
-    def __call__(self, x, context):
+    def __call__(self, x, context, context_mask=None):
+        """x [B, Tq, width], context [B, Tk, D]; context_mask [B or 1, Tk] (True/1 = may attend) or None."""
         batch, width = x.shape[0], x.shape[-1]
 
         def split_heads(t):
@@ -241,7 +242,8 @@ class Attention(_Layers):
         q, k, v = (split_heads(self.dense(width, name, use_bias=False)(src)) for name, src in sources)
         if self.upcast:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = dot_product_attention(q, k, v, implementation=self.attention_impl).astype(self.dtype)
+        mask = None if context_mask is None else (context_mask != 0)[:, None, None, :]  # [B, 1, 1, Tk]
+        out = dot_product_attention(q, k, v, mask, implementation=self.attention_impl).astype(self.dtype)
         return self.dense(width, "to_out_0")(out.reshape(batch, -1, width))
 
 
@@ -274,14 +276,14 @@ class BasicTransformerBlock(_Layers):
     upcast_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, context):
+    def __call__(self, x, context, context_mask=None):
         attn = dict(
             dtype=self.dtype, param_dtype=self.param_dtype, heads=self.heads,
             attention_impl=self.attention_impl, upcast=self.upcast_attention,
         )
         h = self.layer_norm("norm1")(x)
         x = x + Attention(**attn, name="attn1")(h, h)
-        x = x + Attention(**attn, name="attn2")(self.layer_norm("norm2")(x), context)
+        x = x + Attention(**attn, name="attn2")(self.layer_norm("norm2")(x), context, context_mask)
         return x + FeedForward(self.dtype, self.param_dtype, name="ff")(self.layer_norm("norm3")(x))
 
 
@@ -295,7 +297,7 @@ class Transformer2DModel(_Layers):
     upcast_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, context):
+    def __call__(self, x, context, context_mask=None):
         batch, height, width, channels = x.shape
         # On NHWC maps a 1x1 conv and a linear layer compute the same; they differ only in kernel rank,
         # which must match the checkpoint's.
@@ -307,7 +309,7 @@ class Transformer2DModel(_Layers):
         h = BasicTransformerBlock(
             self.dtype, self.param_dtype, heads=self.heads, attention_impl=self.attention_impl,
             upcast_attention=self.upcast_attention, name="transformer_blocks_0",
-        )(h, context)
+        )(h, context, context_mask)
         return x + project("proj_out")(h.reshape(batch, height, width, channels))
 
 
@@ -359,12 +361,12 @@ class DownBlock(_Block):
     add_downsample: bool = True
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, context_mask=None):
         skips = []
         for i in range(self.config.layers_per_block):
             x = self.resnet(f"resnets_{i}")(x, temb)
             if self.cross_attention:
-                x = self.transformer(f"attentions_{i}")(x, context)
+                x = self.transformer(f"attentions_{i}")(x, context, context_mask)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.dtype, self.param_dtype, name="downsamplers_0")(x)
@@ -376,9 +378,9 @@ class MidBlock(_Block):
     """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, context_mask=None):
         x = self.resnet("resnets_0")(x, temb)
-        x = self.transformer("attentions_0")(x, context)
+        x = self.transformer("attentions_0")(x, context, context_mask)
         return self.resnet("resnets_1")(x, temb)
 
 
@@ -388,11 +390,11 @@ class UpBlock(_Block):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x, skips, temb, context):
+    def __call__(self, x, skips, temb, context, context_mask=None):
         for i, skip in enumerate(reversed(skips)):
             x = self.resnet(f"resnets_{i}")(jnp.concatenate([x, skip], axis=-1), temb)
             if self.cross_attention:
-                x = self.transformer(f"attentions_{i}")(x, context)
+                x = self.transformer(f"attentions_{i}")(x, context, context_mask)
         if self.add_upsample:
             x = Upsample2D(self.dtype, self.param_dtype, name="upsamplers_0")(x)
         return x
@@ -418,13 +420,17 @@ class UNet2DConditionModel(_LayerFactory, nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states):
+    def __call__(self, sample, timesteps, encoder_hidden_states, encoder_attention_mask=None):
         """Predicts the noise in `sample`.
 
         Args:
           sample: [B, h, w, in_channels] latents; h and w divisible by 2 ** (number of blocks - 1).
           timesteps: scalar or [B], int or float (0..999 in SD).
-          encoder_hidden_states: [B, L, cross_attention_dim] text-encoder states, any L (no mask).
+          encoder_hidden_states: [B, L, cross_attention_dim] text-encoder states, any L.
+          encoder_attention_mask: [B or 1, L] bool or {0, 1}, or None (all tokens): the text tokens every
+            cross-attention (attn2) may attend to, as diffusers' argument of that name. With it, text
+            padded to a fixed length gives the outputs of the unpadded text, so one compilation serves
+            every prompt length.
 
         Returns:
           [B, h, w, out_channels] float32.
@@ -452,12 +458,12 @@ class UNet2DConditionModel(_LayerFactory, nn.Module):
             x, block_skips = wrap(DownBlock)(
                 **blocks, out_channels=channels, heads=heads, cross_attention=block_type == CROSS_ATTN_DOWN,
                 add_downsample=i < last, name=f"down_blocks_{i}",
-            )(x, temb, encoder_hidden_states)
+            )(x, temb, encoder_hidden_states, encoder_attention_mask)
             skips.extend(block_skips)
 
         x = wrap(MidBlock)(
             **blocks, out_channels=c.block_out_channels[-1], heads=c.num_attention_heads[-1], name="mid_block",
-        )(x, temb, encoder_hidden_states)
+        )(x, temb, encoder_hidden_states, encoder_attention_mask)
 
         up_layers = c.layers_per_block + 1
         for i, (block_type, channels, heads) in enumerate(
@@ -467,7 +473,7 @@ class UNet2DConditionModel(_LayerFactory, nn.Module):
             x = wrap(UpBlock)(
                 **blocks, out_channels=channels, heads=heads, cross_attention=block_type == CROSS_ATTN_UP,
                 add_upsample=i < last, name=f"up_blocks_{i}",
-            )(x, block_skips, temb, encoder_hidden_states)
+            )(x, block_skips, temb, encoder_hidden_states, encoder_attention_mask)
 
         x = nn.silu(self.group_norm(c.norm_num_groups, c.norm_eps, "conv_norm_out")(x))
         return self.conv(c.out_channels, "conv_out")(x).astype(jnp.float32)
