@@ -33,7 +33,7 @@ import numpy as np
 
 from fairdiff_jax.models.attention import AttentionImpl, dot_product_attention
 from fairdiff_jax.models.common import l2_normalize
-from fairdiff_jax.weights import WeightLoadError, convert_state_dict, find_weights_file, read_config_json, read_state_dict
+from fairdiff_jax.weights import convert_state_dict, find_weights_file, read_config_json, read_state_dict
 
 Dtype = Any
 Params = Mapping[str, Any]
