@@ -4,12 +4,17 @@
     python -m fairdiff_jax.generate --model path/to/stable-diffusion-v1-5 \\
         --prompts fairdiff_jax/data/prompts/occupation.json --save_dir out/sd15 --num_imgs_per_prompt 160
     python -m fairdiff_jax.generate --demo --save_dir /tmp/demo_images --dtype float32   # tiny random model, CPU
+    python -m fairdiff_jax.generate --model path/to/stable-diffusion-v1-5 --prompts ... --save_dir out/debiased \\
+        --text_encoder_lora checkpoint-12600_exported/text_encoder_lora_EMA.pth       # a debiased model
 
 The initial noise of image j of a prompt depends only on (seed, prompt text, j): a larger
 --num_imgs_per_prompt keeps the first images, the batch size changes nothing, and images already on
 disk are skipped, so an interrupted run resumes where it stopped (each image is written to a
 temporary file and renamed, so a crash never leaves a truncated one). Sampling: DPM-Solver++(2M),
-classifier-free guidance with the empty negative prompt, the original's text conditioning (SPEC 1b).
+classifier-free guidance with the empty negative prompt, the original's text conditioning (SPEC 1b) in
+its fixed-length form (padded to the tokenizer's 77 tokens with masks: same images, one compilation).
+LoRA files are the original's `.pth` format (`text_encoder_lora[_EMA].pth`, `unet_lora[_EMA].pth`, as
+the original releases them and as `fairdiff_jax.lora.save_original` writes them).
 """
 
 import argparse
@@ -28,14 +33,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fairdiff_jax import lora
 from fairdiff_jax import prompts as prompt_files
 from fairdiff_jax import sampler
 from fairdiff_jax.models.attention import ATTENTION_IMPLS
-from fairdiff_jax.stable_diffusion import StableDiffusion, encode_prompt_pair, load_stable_diffusion
+from fairdiff_jax.stable_diffusion import StableDiffusion, encode_prompt_pair, load_stable_diffusion, with_lora
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# --demo without --prompts: words the tiny model's tokenizer knows whole; equal token counts, so the
-# sampler compiles once.
+# --demo without --prompts: words the tiny model's tokenizer knows whole.
 DEMO_PROMPTS = ("a photo of the face of a doctor, a person", "a photo of the face of a nurse, a person")
 
 
@@ -80,8 +85,8 @@ def generate_images(
     """Writes every missing `save_dir/prompt_i/img_j.jpg`; returns how many images it generated.
 
     Every sampling call has the same batch size (the last batch of a prompt is filled up with the
-    noise of further indices, whose images are discarded), so the sampler compiles once per
-    prompt token length.
+    noise of further indices, whose images are discarded) and the same text length (the tokenizer's
+    maximum, with masks), so the sampler compiles once.
     """
     save_dir = Path(save_dir)
     batch_size = min(batch_size, num_imgs_per_prompt)
@@ -96,13 +101,13 @@ def generate_images(
             if not todo[i]:
                 continue
             image_path(save_dir, i, 0).parent.mkdir(parents=True, exist_ok=True)
-            cond, uncond = encode_prompt_pair(sd, prompt)
+            cond, uncond, context_mask = encode_prompt_pair(sd, prompt, pad_to=sd.tokenizer.model_max_length)
             for start in range(0, len(todo[i]), batch_size):
                 indices = todo[i][start : start + batch_size]
                 filled = indices + list(range(num_imgs_per_prompt, num_imgs_per_prompt + batch_size - len(indices)))
                 noise = initial_noise(seed, prompt, filled, sd.latent_shape)
                 images = sampler.sample_images(
-                    sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, guidance_scale
+                    sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, guidance_scale, context_mask
                 )
                 for j, image in zip(indices, np.asarray(images)):
                     save_jpeg(image, image_path(save_dir, i, j))
@@ -127,7 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="frozen model weights and compute")
     parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="xla")
+    lora_help = (
+        "LoRA file in the original's .pth format (the original's release or lora.save_original); "
+        "diffusers/PEFT .safetensors files are not read"
+    )
+    parser.add_argument("--text_encoder_lora", type=Path, help=f"text-encoder {lora_help} (the text encoder then runs in float32)")
+    parser.add_argument(
+        "--unet_lora", type=Path, help=f"UNet {lora_help} (merged into the --dtype kernels: use float32 to keep it exact)"
+    )
     return parser
+
+
+def load_lora_files(sd: StableDiffusion, text_encoder_lora: Path | None, unet_lora: Path | None) -> StableDiffusion:
+    """`sd` with the given .pth LoRA files merged in. Raises ValueError (WeightLoadError included) or
+    FileNotFoundError naming the file and what does not fit."""
+    trees = {}
+    for model, path, params in (
+        ("text_encoder", text_encoder_lora, sd.text_encoder_params),
+        ("unet", unet_lora, sd.unet_params),
+    ):
+        if path is None:
+            continue
+        if path.suffix == ".safetensors":
+            raise ValueError(
+                f"{path}: diffusers/PEFT .safetensors LoRA files are not supported; pass the .pth file "
+                "(the original's format, written by fairdiff_jax.lora.save_original)"
+            )
+        trees[model] = lora.load_original(path, params, model)
+    return with_lora(sd, trees.get("text_encoder"), trees.get("unet"))
 
 
 @contextmanager
@@ -158,6 +190,7 @@ def main(argv=None) -> None:
     with model_folder(args) as folder:
         try:
             sd = load_stable_diffusion(folder, DTYPES[args.dtype], attention_impl=args.attention_impl)
+            sd = load_lora_files(sd, args.text_encoder_lora, args.unet_lora)
         except (OSError, ValueError) as e:
             parser.error(str(e))
         n = generate_images(

@@ -174,22 +174,29 @@ def solver_step(
     return c.latent_coef * latents + c.x0_coef * x0 + c.prev_x0_coef * prev_x0, x0
 
 
+# (latents [2B, h, w, C], timesteps [2B] int32, context [2B, T, D], context_mask [2B, T] or None) -> eps [2B, h, w, C]
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
+
+
 def guided_eps(
-    eps_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    eps_fn: EpsFn,
     latents: jax.Array,
     timestep: jax.Array,
     cond: jax.Array,
     uncond: jax.Array,
     guidance_scale: float | jax.Array,
+    context_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Classifier-free guidance: eps_u + g (eps_c - eps_u), both from ONE batched model call.
 
     Args:
-      eps_fn: (latents [2B, h, w, C], timesteps [2B] int32, context [2B, L, D]) -> eps [2B, h, w, C],
-        e.g. `lambda x, t, c: unet.apply({'params': p}, x, t, c)`.
+      eps_fn: (latents [2B, h, w, C], timesteps [2B] int32, context [2B, T, D], context_mask [2B, T] or
+        None) -> eps [2B, h, w, C], e.g. `lambda x, t, c, m: unet.apply({'params': p}, x, t, c, m)`.
       latents: [B, h, w, C] float32.
       timestep: scalar int.
-      cond, uncond: prompt and negative-prompt embeddings, [B, L, D] or [1, L, D] (shared by the batch).
+      cond, uncond: prompt and negative-prompt embeddings, [B, T, D] or [1, T, D] (shared by the batch).
+      context_mask: [B or 1, T] bool or {0, 1}: the text positions the UNet attends to, the same for the
+        cond and the uncond rows (see `stable_diffusion.tokenize_prompt_pair`); None = all T.
 
     Returns:
       eps [B, h, w, C] float32.
@@ -198,27 +205,33 @@ def guided_eps(
     context = jnp.concatenate(
         [jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]), jnp.broadcast_to(cond, (b,) + cond.shape[1:])]
     )
-    eps = eps_fn(jnp.concatenate([latents, latents]), jnp.full((2 * b,), timestep, jnp.int32), context)
+    if context_mask is not None:
+        context_mask = jnp.broadcast_to(context_mask, (b, context.shape[1]))
+        context_mask = jnp.concatenate([context_mask, context_mask])
+    timesteps = jnp.full((2 * b,), timestep, jnp.int32)
+    eps = eps_fn(jnp.concatenate([latents, latents]), timesteps, context, context_mask)
     eps_uncond, eps_cond = jnp.split(eps.astype(jnp.float32), 2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def sample_latents(
-    eps_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    eps_fn: EpsFn,
     schedule: Schedule,
     noise: jax.Array,
     cond: jax.Array,
     uncond: jax.Array,
     guidance_scale: float | jax.Array,
+    context_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the n steps of `schedule` from `noise` (x at the first timestep; init sigma is 1).
 
     noise: [B, h, w, C] float32 -> final latents [B, h, w, C] float32 (before the VAE's scaling).
+    eps_fn, cond, uncond, context_mask: as in `guided_eps`.
     """
 
     def body(carry, step):
         latents, prev_x0 = carry
-        eps = guided_eps(eps_fn, latents, schedule.timesteps[step], cond, uncond, guidance_scale)
+        eps = guided_eps(eps_fn, latents, schedule.timesteps[step], cond, uncond, guidance_scale, context_mask)
         return solver_step(schedule, step, latents, eps, prev_x0), None
 
     noise = noise.astype(jnp.float32)
@@ -232,8 +245,12 @@ def decode_latents(vae, vae_params, latents: jax.Array) -> jax.Array:
     return jnp.clip(images, -1.0, 1.0)
 
 
+def _unet_eps_fn(unet, unet_params) -> EpsFn:
+    return lambda x, t, c, m: unet.apply({"params": unet_params}, x, t, c, m)
+
+
 @functools.partial(jax.jit, static_argnames=("unet", "vae"))
-def sample_images(unet, unet_params, vae, vae_params, schedule, noise, cond, uncond, guidance_scale):
+def sample_images(unet, unet_params, vae, vae_params, schedule, noise, cond, uncond, guidance_scale, context_mask=None):
     """Guided DPM-Solver++(2M) sampling and VAE decoding, jitted.
 
     Args:
@@ -241,13 +258,87 @@ def sample_images(unet, unet_params, vae, vae_params, schedule, noise, cond, unc
       unet_params, vae_params: their params (e.g. LoRA already merged into the UNet's).
       schedule: `make_schedule(config, n)`.
       noise: initial latents [B, h, w, 4] float32.
-      cond, uncond: [1 or B, L, D] prompt / negative-prompt embeddings.
+      cond, uncond: [1 or B, T, D] prompt / negative-prompt embeddings.
       guidance_scale: scalar (traced: changing it does not recompile).
+      context_mask: [1 or B, T] text positions the UNet attends to (both rows), or None (all T).
 
     Returns:
-      images [B, H, W, 3] float32 in [-1, 1]. Compiles once per (step count, batch size, text length),
-      the shapes it sees. The UNet may compute in bf16; latents stay float32.
+      images [B, H, W, 3] float32 in [-1, 1]. Compiles once per (step count, batch size, text length T),
+      the shapes it sees: pad the text to a fixed T with a context_mask to compile once for all prompts.
+      The UNet may compute in bf16; latents stay float32.
     """
-    eps_fn = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c)
-    latents = sample_latents(eps_fn, schedule, noise, cond, uncond, guidance_scale)
+    latents = sample_latents(_unet_eps_fn(unet, unet_params), schedule, noise, cond, uncond, guidance_scale, context_mask)
     return decode_latents(vae, vae_params, latents)
+
+
+# ---- adjusted direct finetuning (SPEC section 5, step 7) -------------------------------------------
+
+
+def dft_gradient_scales(scheduler_config: SchedulerConfig, schedule: Schedule) -> jax.Array:
+    """Per-step factors [n] float32 for the cotangent of each step's guided noise prediction.
+
+    c_i = sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t) at t = schedule.timesteps[i], with
+    alpha_t = 1 - beta_t, divided by the geometric mean of c over the n steps (the original's hooks).
+    Works on a traced schedule too.
+    """
+    betas = training_betas(scheduler_config)
+    abar = np.cumprod(1.0 - betas)
+    coef_table = jnp.asarray(np.sqrt(abar) * np.sqrt(1.0 - abar) / betas, jnp.float32)  # [T]: every timestep
+    log_c = jnp.log(coef_table[schedule.timesteps])
+    return jnp.exp(log_c - jnp.mean(log_c))
+
+
+@jax.custom_vjp
+def _scale_cotangent(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """Identity in the forward pass; the backward pass multiplies x's cotangent by `scale`."""
+    return x
+
+
+def _scale_cotangent_fwd(x, scale):
+    return x, scale
+
+
+def _scale_cotangent_bwd(scale, cotangent):
+    return cotangent * scale, jnp.zeros_like(scale)
+
+
+_scale_cotangent.defvjp(_scale_cotangent_fwd, _scale_cotangent_bwd)
+
+
+def sample_images_adjusted(
+    unet, unet_params, vae, vae_params, schedule, gradient_scales, noise, cond, uncond, guidance_scale, context_mask=None
+) -> jax.Array:
+    """The images of `sample_images`, differentiable the way of "adjusted direct finetuning".
+
+    Gradients w.r.t. unet_params (LoRA merged in by the caller) and cond / uncond (a text-encoder LoRA
+    reaches them) flow only through the solver's linear update chain and each step's noise prediction:
+      - the UNet sees stop_gradient(x_i), while the solver update uses x_i itself;
+      - the cotangent of step i's guided noise prediction is multiplied by gradient_scales[i]
+        (`dft_gradient_scales`);
+      - the VAE decode is differentiated; the images are clamped to [-1, 1] (zero gradient outside).
+    Memory: the per-step UNet call and the VAE decode sit under jax.checkpoint, so the backward pass
+    keeps the latents of each step (and the decode's input), not UNet or VAE activations; it
+    recomputes one UNet call per step and the decode.
+
+    Not jitted: call it inside the caller's jitted (and differentiated) loss. Arguments as in
+    `sample_images`; gradient_scales: [n] float32. No gradient flows to `noise`.
+
+    Returns:
+      images [B, H, W, 3] float32 in [-1, 1].
+    """
+
+    @jax.checkpoint
+    def step_eps(params, latents, timestep, cond, uncond, guidance_scale, context_mask):
+        return guided_eps(_unet_eps_fn(unet, params), latents, timestep, cond, uncond, guidance_scale, context_mask)
+
+    def body(carry, step):
+        latents, prev_x0 = carry
+        eps = step_eps(
+            unet_params, jax.lax.stop_gradient(latents), schedule.timesteps[step], cond, uncond, guidance_scale, context_mask
+        )
+        eps = _scale_cotangent(eps, gradient_scales[step])
+        return solver_step(schedule, step, latents, eps, prev_x0), None
+
+    noise = jax.lax.stop_gradient(noise.astype(jnp.float32))
+    (latents, _), _ = jax.lax.scan(body, (noise, jnp.zeros_like(noise)), jnp.arange(schedule.num_steps))
+    return jax.checkpoint(lambda p, x: decode_latents(vae, p, x))(vae_params, latents)

@@ -121,11 +121,11 @@ def main(argv=None):
     print(f"model: {'SD v1-5 shapes' if args.sd15_shapes else 'tiny'}, {sd.image_size}x{sd.image_size} images, "
           f"batch {b}, {args.steps} steps, {args.dtype}; JAX on {jax.devices()[0].platform}, PyTorch on {device}")
 
-    cond, uncond = encode_prompt_pair(sd, PROMPT)
+    cond, uncond, context_mask = encode_prompt_pair(sd, PROMPT)
     schedule = sd.schedule(args.steps)
     noise = jax.random.normal(jax.random.key(0), (b, h, w, c))
     run_jax = lambda: np.asarray(
-        sampler.sample_images(sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, 7.5)
+        sampler.sample_images(sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, 7.5, context_mask)
     )
     jax_first, jax_time = timed(run_jax, args.repeats)
 

@@ -1,17 +1,20 @@
 """`python -m fairdiff_jax.generate` end to end on the tiny model: file names, resuming, noise that
-does not depend on the batch size, and one-line errors for bad inputs."""
+does not depend on the batch size, LoRA files, and one-line errors for bad inputs."""
 
 import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
-from fairdiff_jax import generate, tiny_sd
+from fairdiff_jax import generate, lora, tiny_sd
+from fairdiff_jax.stable_diffusion import load_stable_diffusion
 
-# Same token count (13), so every run below reuses one compiled sampler per batch size.
+# Text is padded to 77 tokens, so every run below reuses one compiled sampler per batch size.
 PROMPTS = list(generate.DEMO_PROMPTS)
 FAST = ["--steps", "2", "--dtype", "float32", "--seed", "7"]
 
@@ -28,10 +31,10 @@ def prompt_file(tmp_path_factory):
     return path
 
 
-def _run(model, prompt_file, save_dir, num, batch):
+def _run(model, prompt_file, save_dir, num, batch, extra=()):
     generate.main(
         ["--model", str(model), "--prompts", str(prompt_file), "--save_dir", str(save_dir),
-         "--num_imgs_per_prompt", str(num), "--batch_size", str(batch), *FAST]
+         "--num_imgs_per_prompt", str(num), "--batch_size", str(batch), *FAST, *extra]
     )
 
 
@@ -125,3 +128,47 @@ def test_cli_error_has_no_traceback(tmp_path):
     )
     assert result.returncode != 0
     assert "missing.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def _lora_files(model, folder, up_std):
+    """The original's .pth files for the tiny model: lora.init (up = 0), then up ~ N(0, up_std^2)."""
+    sd = load_stable_diffusion(model)
+    paths = {}
+    for i, (name, params) in enumerate((("text_encoder", sd.text_encoder_params), ("unet", sd.unet_params))):
+        key = jax.random.key(i)
+        flat = traverse_util.flatten_dict(lora.init(key, params, lora.select_targets(params, name), rank=4))
+        for j, path in enumerate(p for p in flat if p[-1] == "up"):
+            flat[path] = up_std * jax.random.normal(jax.random.fold_in(key, j), flat[path].shape)
+        paths[name] = folder / f"{name}_lora.pth"
+        lora.save_original(traverse_util.unflatten_dict(flat), paths[name], name)
+    return paths
+
+
+def test_lora_files(model, prompt_file, tmp_path, capsys):
+    _run(model, prompt_file, tmp_path / "base", num=1, batch=1)
+    names = ["prompt_0/img_0.jpg", "prompt_1/img_0.jpg"]
+
+    zero = _lora_files(model, tmp_path / "zero", up_std=0.0)
+    _run(model, prompt_file, tmp_path / "zero_lora", num=1, batch=1,
+         extra=["--text_encoder_lora", str(zero["text_encoder"]), "--unet_lora", str(zero["unet"])])
+    for name in names:  # up = 0: the merged model is the frozen one, bit for bit
+        np.testing.assert_array_equal(_pixels(tmp_path / "zero_lora" / name), _pixels(tmp_path / "base" / name))
+
+    trained = _lora_files(model, tmp_path / "trained", up_std=0.1)
+    for flag, path in (("--text_encoder_lora", trained["text_encoder"]), ("--unet_lora", trained["unet"])):
+        out = tmp_path / flag.strip("-")
+        _run(model, prompt_file, out, num=1, batch=1, extra=[flag, str(path)])
+        for name in names:
+            assert np.abs(_pixels(out / name) - _pixels(tmp_path / "base" / name)).mean() > 1, (flag, name)
+
+    capsys.readouterr()
+    base = ["--model", str(model), "--prompts", str(prompt_file), "--save_dir", str(tmp_path / "bad"), *FAST]
+    with pytest.raises(SystemExit):  # a UNet file given as the text encoder's
+        generate.main([*base, "--text_encoder_lora", str(trained["unet"])])
+    message = capsys.readouterr().err
+    assert f"{trained['unet']} is not a text_encoder LoRA of this model" in message and "missing keys" in message
+    message = _error([*base, "--unet_lora", str(tmp_path / "absent.pth")], capsys)
+    assert "absent.pth" in message
+    message = _error([*base, "--unet_lora", str(tmp_path / "lora.safetensors")], capsys)
+    assert "lora.safetensors" in message and ".pth" in message
+    assert not (tmp_path / "bad").exists()

@@ -1,6 +1,7 @@
 """End to end: the project's loader + text conditioning + jitted sampler + VAE reproduce diffusers'
 PyTorch StableDiffusionPipeline (DPMSolverMultistepScheduler with final_sigmas_type="sigma_min", the
-original's sampler) fed the same initial latents and the original's text conditioning."""
+original's sampler) fed the same initial latents and the original's text conditioning, both in its
+unpadded form and in the fixed-length form (padded to 77 tokens, text and context masks)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,26 +46,43 @@ def _torch_prompt_pair(pipe, prompt):
 
 
 def test_text_conditioning_matches(sd, torch_pipeline):
-    cond, uncond = stable_diffusion.encode_prompt_pair(sd, PROMPT)
+    cond, uncond, context_mask = stable_diffusion.encode_prompt_pair(sd, PROMPT)
     want_cond, want_uncond = _torch_prompt_pair(torch_pipeline, PROMPT)
     assert cond.shape == want_cond.shape == (1, 13, tiny_sd.TEXT_WIDTH)
+    assert context_mask.shape == (1, 13) and np.asarray(context_mask).all()
     # Measured max abs diff ~1e-6.
     np.testing.assert_allclose(np.asarray(cond), want_cond.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(uncond), want_uncond.numpy(), atol=1e-5)
     # The negative prompt's padding is masked: its states differ from an unmasked run's.
-    ids, mask = stable_diffusion.tokenize_prompt_pair(sd.tokenizer, PROMPT)
+    ids, mask, _ = stable_diffusion.tokenize_prompt_pair(sd.tokenizer, PROMPT)
     assert mask[0].sum() == 2 and mask[1].all() and (ids[0, 2:] == sd.tokenizer.pad_token_id).all()
     unmasked = stable_diffusion.encode_text(sd.text_encoder, sd.text_encoder_params, jnp.asarray(ids), jnp.ones_like(mask))
     assert np.abs(np.asarray(unmasked[0, 2:]) - np.asarray(uncond[0, 2:])).max() > 1e-3
 
+    # Fixed length: the first L states are the unpadded ones (the text encoder is causal).
+    padded_cond, padded_uncond, padded_context_mask = stable_diffusion.encode_prompt_pair(sd, PROMPT, pad_to=77)
+    assert padded_cond.shape == (1, 77, tiny_sd.TEXT_WIDTH)
+    np.testing.assert_array_equal(np.asarray(padded_context_mask)[0], np.arange(77) < 13)
+    np.testing.assert_allclose(np.asarray(padded_cond[:, :13]), want_cond.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(padded_uncond[:, :13]), want_uncond.numpy(), atol=1e-5)
+    ids, mask, context_mask = stable_diffusion.tokenize_prompt_pair(sd.tokenizer, PROMPT, pad_to=77)
+    assert mask.sum(1).tolist() == [2, 13] and context_mask.sum() == 13
+    assert (ids[1, 13:] == sd.tokenizer.pad_token_id).all()
+    with pytest.raises(ValueError, match="has 13 tokens, more than pad_to=12"):
+        stable_diffusion.tokenize_prompt_pair(sd.tokenizer, PROMPT, pad_to=12)
 
-def test_images_match_diffusers_pipeline(sd, torch_pipeline):
+
+@pytest.mark.parametrize("pad_to", [None, 77], ids=["unpadded", "padded_to_77"])
+def test_images_match_diffusers_pipeline(sd, torch_pipeline, pad_to):
+    """Unpadded (the original's form) and padded to 77 with masks (one compilation for all prompts) both
+    give the original's images."""
     h, w, c = sd.latent_shape
     noise = np.random.default_rng(0).normal(size=(BATCH, h, w, c)).astype(np.float32)
 
-    cond, uncond = stable_diffusion.encode_prompt_pair(sd, PROMPT)
+    cond, uncond, context_mask = stable_diffusion.encode_prompt_pair(sd, PROMPT, pad_to=pad_to)
     images = sampler.sample_images(
-        sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.schedule(STEPS), jnp.asarray(noise), cond, uncond, GUIDANCE
+        sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.schedule(STEPS), jnp.asarray(noise), cond, uncond, GUIDANCE,
+        context_mask,
     )
     got = (np.asarray(images) + 1) / 2
 
@@ -83,5 +101,12 @@ def test_images_match_diffusers_pipeline(sd, torch_pipeline):
     assert got.shape == want.shape == (BATCH, tiny_sd.IMAGE_SIZE, tiny_sd.IMAGE_SIZE, 3)
     # Images in [0, 1]; most pixels are not clamped, so the comparison is informative.
     assert ((want > 0.01) & (want < 0.99)).mean() > 0.9
-    # float32 on both sides; measured max abs diff 1.4e-6 (6 steps; 1.0e-6 with 20 steps).
+    # float32 on both sides; measured max abs diff 1.4e-6 unpadded (6 steps; 1.0e-6 with 20 steps).
+    print(f"images ({pad_to=}) max abs diff to diffusers: {np.abs(got - want).max():.2e}")
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    if pad_to is not None:  # without the context mask the padded tokens change the images: the mask matters
+        unmasked = sampler.sample_images(
+            sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.schedule(STEPS), jnp.asarray(noise), cond, uncond, GUIDANCE,
+            jnp.ones_like(context_mask),
+        )
+        assert np.abs((np.asarray(unmasked) + 1) / 2 - want).max() > 1e-3

@@ -97,7 +97,7 @@ def test_guided_scan_matches_diffusers_loop():
     def model(latents, t, context):  # numpy: eps from latents [B,h,w,C], t [B], context [B,L,D]
         return np.tanh(0.5 * latents + context.mean(axis=1)[:, None, None, :] * (1 + t[:, None, None, None] / 1000.0))
 
-    eps_fn = lambda lat, t, ctx: jnp.tanh(0.5 * lat + ctx.mean(axis=1)[:, None, None, :] * (1 + t[:, None, None, None] / 1000.0))
+    eps_fn = lambda lat, t, ctx, ctx_mask: jnp.tanh(0.5 * lat + ctx.mean(axis=1)[:, None, None, :] * (1 + t[:, None, None, None] / 1000.0))
     got = jax.jit(sampler.sample_latents, static_argnums=0)(
         eps_fn, sampler.make_schedule(sampler.SchedulerConfig(), num_steps), jnp.asarray(x), jnp.asarray(cond), jnp.asarray(uncond), g
     )
@@ -133,3 +133,26 @@ def test_scheduler_config(tmp_path):
         sampler.SchedulerConfig.from_json(path)
     with pytest.raises(FileNotFoundError, match="scheduler config not found"):
         sampler.SchedulerConfig.from_json(tmp_path / "absent.json")
+
+
+def test_context_mask_reaches_the_model():
+    """Text padded with junk plus a context mask gives the unpadded result (the mask reaches eps_fn for
+    both the cond and the uncond rows); without the mask the junk shows."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=SHAPE).astype(np.float32))
+    cond, uncond = (jnp.asarray(rng.normal(size=(1, 3, 4)).astype(np.float32)) for _ in range(2))
+    junk = lambda c: jnp.concatenate([c, jnp.asarray(rng.normal(size=(1, 4, 4)).astype(np.float32))], axis=1)
+    mask = jnp.asarray([[1, 1, 1, 0, 0, 0, 0]])
+
+    def eps_fn(lat, t, ctx, ctx_mask):  # tanh of the latents plus the mean of the visible text tokens
+        w = jnp.ones(ctx.shape[:2]) if ctx_mask is None else ctx_mask.astype(jnp.float32)
+        assert w.shape == ctx.shape[:2]
+        mean = (ctx * w[..., None]).sum(1) / w.sum(1, keepdims=True)
+        return jnp.tanh(0.5 * lat + mean[:, None, None, :] * (1 + t[:, None, None, None] / 1000.0))
+
+    run = lambda c, u, m: np.asarray(
+        sampler.sample_latents(eps_fn, sampler.make_schedule(sampler.SchedulerConfig(), 4), x, c, u, 7.5, m)
+    )
+    want = run(cond, uncond, None)
+    np.testing.assert_allclose(run(junk(cond), junk(uncond), mask), want, atol=1e-5, rtol=1e-6)
+    assert np.abs(run(junk(cond), junk(uncond), None) - want).max() > 1e-2

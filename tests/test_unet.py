@@ -99,6 +99,26 @@ def test_tiny_unet_matches_diffusers(tiny):
     np.testing.assert_allclose(got, want, rtol=0, atol=F32_ATOL)
 
 
+def test_encoder_attention_mask_matches_diffusers(tiny):
+    """A per-row key mask on the text tokens in every cross-attention, as diffusers' encoder_attention_mask;
+    masking trailing tokens equals dropping them, and a [1, L] mask is shared by the batch."""
+    _, net, module, params, _ = tiny
+    sample, timesteps, context = _inputs(TINY, size=16, tokens=7)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        want = net(sample, timesteps, context, encoder_attention_mask=mask).sample.permute(0, 2, 3, 1).numpy()
+    apply = jax.jit(module.apply)
+    got = np.asarray(apply({"params": params}, *_flax_args(sample, timesteps, context), jnp.asarray(mask.numpy())))
+    print(f"tiny UNet with encoder_attention_mask fp32 max|diff| {np.abs(got - want).max():.2e}")
+    np.testing.assert_allclose(got, want, rtol=0, atol=F32_ATOL)
+    unmasked = _torch_eps(net, sample, timesteps, context)
+    assert np.abs(unmasked - want).max() > 1e-2  # the mask changes the output: the check can fail
+
+    dropped = _torch_eps(net, sample, timesteps, context[:, :4])
+    shared = np.asarray(apply({"params": params}, *_flax_args(sample, timesteps, context), jnp.asarray(mask[:1].numpy() != 0)))
+    np.testing.assert_allclose(shared, dropped, rtol=0, atol=F32_ATOL)
+
+
 def test_scalar_float_timestep_and_other_sizes(tiny):
     _, net, module, params, apply = tiny
     sample, _, context = _inputs(TINY, size=8, tokens=3, batch=1)
