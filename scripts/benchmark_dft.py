@@ -33,7 +33,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from flax import traverse_util
 
@@ -141,11 +140,10 @@ def torch_value_and_grad(pipe, target, rank, batch, steps, device, dtype):
         for m in processors.values():
             m.to(device)  # LoRA factors stay float32, as the original's
     else:
-        originals = patch_text_encoder(pipe.text_encoder, rank, up_std=0.01)
+        patch_text_encoder(pipe.text_encoder, rank, up_std=0.01)
         handles = []
         lora_params = [p for n, p in pipe.text_encoder.named_parameters() if "lora_linear_layer" in n]
         pipe.text_encoder.to(device)
-        del originals
     for p in lora_params:
         p.requires_grad_(True)
     weight_storages = {
