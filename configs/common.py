@@ -102,6 +102,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.faces = ml_collections.ConfigDict()
     config.faces.size_face = 224  # square face chip for the classifier
     config.faces.size_aligned_face = 112  # ArcFace-aligned chip for SFNet
+    config.faces.detector = "mtcnn"  # or 'package.module:callable' returning a faces.FaceDetector
+    config.faces.detector_path = ""  # passed to that callable when set (e.g. its weights file)
+    config.faces.expand_coef = 0.5  # square face-box expansion before the chip crop (SPEC step 3)
 
     config.target = ml_collections.ConfigDict()
     config.target.attributes = ("gender", "race")  # order = joint class order (j = 4 * g + r)

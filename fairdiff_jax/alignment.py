@@ -27,12 +27,18 @@ Class conventions (SPEC 1): gender 0 female, 1 male; race 0 White/Middle-Eastern
 the image (the insightface order), max exclusive; a box may extend past the image edges.
 """
 
+import os
 from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ot
+
+# POT probes every array backend it can import at `import ot`. With TensorFlow installed (clu's
+# dependency) that loads TF beside torch, which crashed test processes; only numpy is used here.
+os.environ.setdefault("POT_BACKEND_DISABLE_TENSORFLOW", "1")
+os.environ.setdefault("POT_BACKEND_DISABLE_PYTORCH", "1")
+import ot  # noqa: E402
 from numpy.typing import ArrayLike
 
 from fairdiff_jax.face_bank import nearest_bank_features

@@ -50,7 +50,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import importlib
 import io
 import math
 import os
@@ -67,6 +66,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fairdiff_jax import faces, metrics
+from fairdiff_jax.faces import DETECTORS, make_detector
 from fairdiff_jax import prompts as prompt_files
 from fairdiff_jax.models import clip, dinov2
 from fairdiff_jax.models.mobilenet_v3 import MobileNetV3Large, load_mobilenet_v3
@@ -74,11 +74,6 @@ from fairdiff_jax.weights import WeightLoadError
 
 GENDER_CLASSES, RACE_CLASSES, AGE_CLASSES = 2, 4, 2
 GRID_TILE = 256  # grid images are shrunk to this many pixels on their longer side
-
-# Face detectors by name. A detector can also be named 'package.module:callable' (any callable returning
-# a faces.FaceDetector, e.g. 'fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file'), so that new
-# detectors need no edit here; the same convention as judges.make_detector's config.faces.detector.
-DETECTORS: dict[str, Callable[..., faces.FaceDetector]] = {"mtcnn": faces.MTCNNDetector}
 
 PROMPT_FOLDER = re.compile(r"prompt_(\d+)")
 IMAGE_FILE = re.compile(r"img_(\d+)\.(jpg|jpeg|png)")
@@ -98,24 +93,6 @@ BIAS_METRICS = ("gender_bias", "race_bias", "gender_race_bias")
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-
-def make_detector(spec: str, path: Optional[str | Path] = None) -> faces.FaceDetector:
-    """A detector named in DETECTORS, or built by 'package.module:callable' (a dotted attribute path
-    after the colon), called with `path` (e.g. the detector's weights file) when given."""
-    if spec in DETECTORS:
-        factory = DETECTORS[spec]
-    else:
-        module_name, colon, attribute = spec.partition(":")
-        if not colon or not module_name or not attribute:
-            raise ValueError(f"unknown detector {spec!r}: use one of {', '.join(sorted(DETECTORS))} or 'module:callable'")
-        try:
-            factory = importlib.import_module(module_name)
-            for part in attribute.split("."):
-                factory = getattr(factory, part)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot load detector {spec!r}: {e}") from e
-    return factory(path) if path is not None else factory()
 
 
 class Classifier(NamedTuple):

@@ -21,7 +21,9 @@ can replace MTCNN.
 """
 
 import dataclasses
-from typing import Optional, Protocol, Sequence
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -456,3 +458,31 @@ def aligned_faces(images, chip_from_image, found, size: int = 112, fill: float =
     chips = jax.vmap(one)(images.astype(jnp.float32), image_from_chip, shift)
     chips = jnp.where(jnp.asarray(found)[:, None, None, None], chips, fill)
     return chips.astype(images.dtype)
+
+
+# Detectors by name. Any other detector is named 'package.module:callable' (a callable returning a
+# FaceDetector, e.g. 'fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file'), so that a new
+# detector needs no edit here. Training (config.faces.detector) and evaluation (--detector) both use this.
+DETECTORS: dict[str, Callable[..., FaceDetector]] = {"mtcnn": MTCNNDetector}
+
+
+def detector_factory(spec: str) -> Callable[..., Any]:
+    """The callable a detector spec names (imported, not called); ValueError naming the spec otherwise."""
+    if spec in DETECTORS:
+        return DETECTORS[spec]
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"unknown detector {spec!r}: use one of {', '.join(sorted(DETECTORS))} or 'module:callable'")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load detector {spec!r}: {e}") from e
+    return target
+
+
+def make_detector(spec: str, path: Optional[str | Path] = None) -> FaceDetector:
+    """The detector `spec` names, called with `path` (e.g. its weights file) when given."""
+    factory = detector_factory(spec)
+    return factory(path) if path is not None else factory()

@@ -1,0 +1,164 @@
+"""Tiny random-weight assets for every file a training config names, for tests, demos and benchmarks.
+
+    python -m fairdiff_jax.tiny_assets /tmp/tiny_assets     # builds them, prints the config overrides
+    python -m fairdiff_jax.train --config configs/tiny.py --config.assets_dir=/tmp/tiny_assets --workdir /tmp/run
+
+Layout under the folder (the names configs/tiny.py expects):
+    sd/                         tiny_sd.build_tiny_sd (32x32 images, 16x16x4 latents)
+    classifier.pt               torchvision mobilenet_v3_large, head Linear(1280, 6), random, torch.save(state_dict)
+    sfnet.pth                   SFNet-20 "deprecated" (no BatchNorm) with random weights, keys `module.`-prefixed
+    face_feats.pkl              face bank: the original's 5-tuple (feats [64, 512], genders, gender logits, races, race logits)
+    clip_vision/                transformers CLIPVisionModelWithProjection (width 32, 2 layers, 28 px, patch 7)
+    dinov2/                     transformers Dinov2Model (width 32, 2 layers, patch 7)
+
+Random networks find no faces; `CentralFaceDetector` stands in for a detector so that every loss term runs.
+Same seed, same files.
+"""
+
+import argparse
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from fairdiff_jax import faces
+from fairdiff_jax.tiny_sd import build_tiny_sd
+
+CLIP_VISION_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7,
+    projection_dim=24, hidden_act="gelu",
+)
+DINOV2_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=7, image_size=7 * 37, mlp_ratio=4)
+FACE_BANK_SIZE = 64
+FEATURE_DIM = 512
+
+
+def build_classifier(path: Path, seed: int, num_classes: int = 6) -> Path:
+    """A random torchvision mobilenet_v3_large with a `num_classes` head, BatchNorm statistics randomised
+    too (so the converted running stats are exercised), saved as a state dict."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.mobilenet_v3_large(num_classes=num_classes)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def build_sfnet(path: Path, seed: int) -> Path:
+    """A random SFNet-20 ("sfnet20_deprecated": convs with bias, no BatchNorm) checkpoint as nn.DataParallel
+    saves it (`module.layer{s}.{b}.conv{1,2}.weight|bias`, `module.fc.weight|bias`). He-normal convs, so
+    features do not vanish through the 20 layers."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    state = {}
+    in_channels = 3
+    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (1, 2, 4, 1)), start=1):
+        convs = [(f"layer{stage}.0.conv1", in_channels, width)]
+        for block in range(1, blocks + 1):
+            convs += [(f"layer{stage}.{block}.conv1", width, width), (f"layer{stage}.{block}.conv2", width, width)]
+        for name, c_in, c_out in convs:
+            std = np.sqrt(2.0 / (9 * c_in)) * (0.5 if name.endswith("conv2") else 1.0)
+            state[f"module.{name}.weight"] = rng.normal(0.0, std, (c_out, c_in, 3, 3))
+            state[f"module.{name}.bias"] = np.zeros(c_out)
+        in_channels = width
+    state["module.fc.weight"] = rng.normal(0.0, np.sqrt(1.0 / (512 * 49)), (FEATURE_DIM, 512 * 49))
+    state["module.fc.bias"] = np.zeros(FEATURE_DIM)
+    torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, path)
+    return path
+
+
+def build_face_bank(path: Path, seed: int) -> Path:
+    """The original's pickle layout with random unit features and random labels/logits (numpy arrays)."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(FACE_BANK_SIZE, FEATURE_DIM)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    content = (
+        feats,
+        rng.integers(0, 2, FACE_BANK_SIZE),
+        rng.normal(size=(FACE_BANK_SIZE, 2)).astype(np.float32),
+        rng.integers(0, 4, FACE_BANK_SIZE),
+        rng.normal(size=(FACE_BANK_SIZE, 4)).astype(np.float32),
+    )
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
+    return path
+
+
+def build_clip_vision(folder: Path, seed: int) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP_VISION_CONFIG)).save_pretrained(folder)
+    return folder
+
+
+def build_dinov2(folder: Path, seed: int) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_CONFIG)).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_assets(folder: str | Path, seed: int = 0) -> Path:
+    """Writes every tiny asset (layout in the module docstring) under `folder`; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tiny_sd(folder / "sd", seed)
+    build_classifier(folder / "classifier.pt", seed + 10)
+    build_sfnet(folder / "sfnet.pth", seed + 11)
+    build_face_bank(folder / "face_feats.pkl", seed + 12)
+    build_clip_vision(folder / "clip_vision", seed + 13)
+    build_dinov2(folder / "dinov2", seed + 14)
+    return folder
+
+
+# Landmarks of a frontal face in a unit box (x, y): eyes, nose, mouth corners (ArcFace template / 112).
+_UNIT_LANDMARKS = faces.ARCFACE_TEMPLATE_112 / 112.0
+
+
+class CentralFaceDetector:
+    """A stand-in `faces.FaceDetector` for random-weight generators, a pure function of each image:
+    the face is a centred box covering `box_fraction` of the side with template landmarks inside; it is
+    "found" where the left half of the image is on average at least as bright as the right half (so that a
+    batch of random images usually holds images with and without a face and both code paths run)."""
+
+    def __init__(self, box_fraction: float = 0.5):
+        self.box_fraction = box_fraction
+
+    def detect(self, images: np.ndarray) -> faces.FaceDetections:
+        images = np.asarray(images, np.float32)
+        n, height, width = images.shape[:3]
+        found = images[:, :, : width // 2].mean(axis=(1, 2, 3)) >= images[:, :, width // 2 :].mean(axis=(1, 2, 3))
+        side = self.box_fraction * min(height, width)
+        x1, y1 = (width - side) / 2, (height - side) / 2
+        box = np.array([x1, y1, x1 + side, y1 + side], np.float32)
+        landmarks = (np.array([x1, y1]) + side * _UNIT_LANDMARKS).astype(np.float32)
+        return faces.FaceDetections(
+            found=found,
+            boxes=np.where(found[:, None], box, -1).astype(np.float32),
+            landmarks=np.where(found[:, None, None], landmarks, -1).astype(np.float32),
+            confidence=np.where(found, 0.99, -1).astype(np.float32),
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    folder = build_tiny_assets(args.folder, args.seed)
+    print(f"--config.assets_dir={folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Seconds per debiasing training step and its parts, XLA-counted FLOPs, and the gradient stage's memory at
+SD-1.5 shapes.
+
+    python scripts/benchmark_train_step.py                  # tiny random models (configs/tiny.py), CPU
+    python scripts/benchmark_train_step.py --assets /tmp/tiny_assets --steps 3
+    python scripts/benchmark_train_step.py --config configs/debias_text_encoder.py --config.assets_dir=/data/assets
+    python scripts/benchmark_train_step.py --sd15-shapes    # compile only: XLA memory analysis of the gradient
+                                                            # stage at SD-1.5 shapes (no weights allocated)
+
+A step = sampling (X with the LoRA and X0 frozen, no gradient), faces (detection of both on the host,
+chips, classifier, CLIP / DINOv2 / SFNet features of X0), OT (host), gradient (adjusted-DFT regeneration,
+losses, backward, AdamW + EMA). The first step of each denoising-step count compiles; timings are of later
+steps with the same count. FLOPs: `compiled.cost_analysis()` of each jitted stage at that count; XLA counts
+the body of a while loop once, so the denoising-step scan and the micro-batch scan are counted for one
+iteration each: lower bounds, not totals.
+
+--sd15-shapes lowers the gradient stage with abstract arrays (jax.ShapeDtypeStruct) for SD v1-5 (UNet,
+VAE decoder, CLIP text), CLIP ViT-H/14, DINOv2 ViT-B/14, mobilenet_v3_large (6 classes) and SFNet-20 in
+bfloat16, 512x512 images, 23 denoising steps, 20 images per device in micro-batches of 4 (text-encoder
+LoRA) and of 3 (UNet LoRA), and prints XLA's memory analysis per device (target: <= 32 GiB). It compiles
+for the machine's first device: run it where the training runs. On a CPU (measured 2026-11-27, ~5-10 min
+per compile) it reports 84 GiB (text-encoder LoRA) and 76 GiB (UNet LoRA) of which the UNet's backward
+at batch 8 with materialised 4096x4096 attention ('xla' kernel) is ~77 GiB and the VAE decode's backward
+at batch 4 ~19 GiB: the CPU compiler upcasts bf16 and has no flash attention, so this is an upper bound,
+not the GPU number. A PyTorch step of the same math is not part of this script yet.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # config files import `configs.common`
+
+from fairdiff_jax import config_cli, debias_step, judges as judges_lib, optim, parallel, sampler
+from fairdiff_jax.train import load_models
+
+GIB = 2**30
+
+
+def cost_flops(jitted, *args, **kwargs) -> float:
+    analysis = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def benchmark_tiny(config, steps: int) -> None:
+    mesh = parallel.make_mesh()
+    sd, judges, judge_variables = load_models(config)
+    settings = debias_step.settings_from_config(config)
+    stages = debias_step.Stages(sd, judges, settings, mesh, judges_lib.make_detector(config))
+    frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
+    lora = debias_step.init_lora(jax.random.key(0), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet)
+    o = config.optim
+    tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+    state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, 0), mesh)
+    num_steps = config.train.max_denoising_steps
+    prompt = "a photo of the face of a doctor"
+    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {settings.images_per_prompt} images per step, "
+          f"{num_steps} denoising steps, micro-batch {settings.micro_batch_size}")
+
+    rows = []
+    for step in range(steps + 1):
+        timings = {}
+        started = time.perf_counter()
+        prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
+        shared = stages.shared(frozen, prepared)
+        t0 = time.perf_counter()
+        state, metrics = stages.train_step(state, shared, prepared.inputs, jax.random.key(step))
+        jax.block_until_ready(state.params)
+        timings["gradient"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - started
+        print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()))
+        if step > 0:
+            rows.append(timings)
+    if rows:
+        print("median over steps 1..: " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.3f} s" for k in rows[0]))
+
+    schedule = parallel.replicate(sampler.make_schedule(sd.scheduler_config, num_steps), mesh)
+    flops = {
+        "sampling (X and X0)": 2 * cost_flops(stages._generate, state.params, frozen, prepared.text, schedule,
+                                              prepared.inputs["noise"], chunk=debias_step._largest_divisor_at_most(
+                                                  settings.images_per_prompt // mesh.devices.size, settings.generation_batch_size)),
+        "gradient": cost_flops(stages.train_step, state, shared, prepared.inputs, jax.random.key(0)),
+    }
+    for name, value in flops.items():
+        print(f"XLA cost-analysis FLOPs (loop bodies counted once), {name}: {value:.3e}")
+
+
+# ---- SD-1.5 shapes, compile only -------------------------------------------------------------------------
+
+
+def sd15_abstract_models(dtype):
+    """Modules of the real networks and ShapeDtypeStruct params (nothing allocated, nothing initialised)."""
+    from fairdiff_jax.models import clip, dinov2, mobilenet_v3, sfnet
+    from fairdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from fairdiff_jax.models.vae import AutoencoderKLDecoder, VAEDecoderConfig
+    from fairdiff_jax.stable_diffusion import StableDiffusion
+    from fairdiff_jax.tiny_sd import build_tokenizer
+
+    unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768), dtype=dtype, param_dtype=dtype, remat=True)
+    vae = AutoencoderKLDecoder(VAEDecoderConfig(), dtype, dtype)
+    text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                                num_attention_heads=12), jnp.float32, jnp.float32)
+    latents = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
+    unet_params = jax.eval_shape(unet.init, jax.random.key(0), latents, jnp.zeros((1,), jnp.int32),
+                                 jax.ShapeDtypeStruct((1, 77, 768), jnp.float32))["params"]
+    vae_params = jax.eval_shape(vae.init, jax.random.key(0), latents)["params"]
+    sd = StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_encoder.param_shapes(), build_tokenizer(),
+                         sampler.SchedulerConfig())
+    clip_vision = clip.CLIPVisionWithProjection(
+        clip.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                              image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"), dtype, dtype, remat=True)
+    dino = dinov2.Dinov2Model(dinov2.Dinov2Config(), 224, dtype, dtype, remat=True)
+    classifier = mobilenet_v3.MobileNetV3Large(6, dtype, dtype)
+    face_net = sfnet.SFNet20(False, dtype, dtype)
+    judges = judges_lib.Judges(classifier, face_net, clip_vision, dino, (("gender", 2), ("race", 4)), ("gender", "race"))
+    aligned = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
+    judge_variables = dict(
+        classifier=mobilenet_v3.variable_shapes(classifier, 224),
+        sfnet=jax.eval_shape(face_net.init, jax.random.key(0), aligned),
+        clip=clip_vision.param_shapes(),
+        dino=dino.param_shapes(),
+        face_bank=jax.ShapeDtypeStruct((10000, 512), jnp.float32),
+    )
+    return sd, judges, judge_variables
+
+
+def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, images_per_device: int = 20,
+                num_steps: int = 23, dtype=jnp.bfloat16) -> None:
+    from fairdiff_jax import tiny_assets
+
+    sd, judges, judge_variables = sd15_abstract_models(dtype)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
+    config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
+    config.train.micro_batch_size, config.train.images_per_prompt = micro_batch, images_per_device
+    settings = debias_step.settings_from_config(config)
+    stages = debias_step.Stages(sd, judges, settings, mesh, tiny_assets.CentralFaceDetector())
+
+    lora = jax.eval_shape(lambda: debias_step.init_lora(jax.random.key(0), sd, 50, train_text_encoder, train_unet))
+    tx = optim.make_optimizer()
+    state = jax.eval_shape(lambda l: optim.create_train_state(l, tx, 0.996, 0), lora)
+    frozen = debias_step.frozen_weights(sd, judge_variables)
+    schedule = sampler.make_schedule(sd.scheduler_config, num_steps)
+    t = 77
+    text = debias_step.Text(jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((2, t), jnp.int32),
+                            jax.ShapeDtypeStruct((1, t), jnp.int32))
+    shared = dict(frozen=frozen, text=text, schedule=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), schedule),
+                  gradient_scales=jax.ShapeDtypeStruct((num_steps,), jnp.float32))
+    b = images_per_device
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    flag = jax.ShapeDtypeStruct((b,), jnp.bool_)
+    inputs = dict(noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
+                  targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
+                  original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512))
+    started = time.perf_counter()
+    compiled = stages.train_step.lower(state, shared, inputs, jax.random.key(0)).compile()
+    memory = compiled.memory_analysis()
+    part = "text encoder" if train_text_encoder and not train_unet else ("UNet" if not train_text_encoder else "both")
+    print(f"SD-1.5 shapes, {part} LoRA, micro-batch {micro_batch}, {b} images per device, {num_steps} steps, "
+          f"{jnp.dtype(dtype).name} frozen weights (compiled in {time.perf_counter() - started:.0f} s on {jax.devices()[0].device_kind}):")
+    if memory is None:
+        print("  memory analysis not available on this backend")
+        return
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    for field in fields:
+        print(f"  {field}: {getattr(memory, field) / GIB:.2f} GiB")
+    total = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+    print(f"  peak estimate (arguments + outputs + temporaries - aliased): {total / GIB:.2f} GiB "
+          f"({'within' if total <= 32 * GIB else 'OVER'} the 32 GiB target)")
+    print(f"  XLA cost-analysis FLOPs of the gradient stage (loop bodies counted once): {float((compiled.cost_analysis() or {}).get('flops', float('nan'))):.3e}")
+
+
+def main(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--assets", type=Path, help="tiny assets folder (default: built in a temporary folder)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
+    parser.add_argument("--sd15-shapes", action="store_true")
+    args, config_args = parser.parse_known_args(argv[1:])
+    if args.sd15_shapes:
+        sd15_memory(True, False, 4)
+        sd15_memory(False, True, 3)
+        return
+    if not any(a.startswith("--config") for a in config_args):
+        config_args = ["--config", str(ROOT / "configs" / "tiny.py")] + config_args
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.assets is None and "tiny.py" in " ".join(config_args):
+            from fairdiff_jax.tiny_assets import build_tiny_assets
+
+            args.assets = build_tiny_assets(Path(tmp) / "assets")
+        if args.assets is not None:
+            config_args.append(f"--config.assets_dir={args.assets}")
+        config, _ = config_cli.parse_config_args([argv[0]] + config_args)
+        judges_lib.check_asset_files(config)
+        benchmark_tiny(config, args.steps)
+
+
+if __name__ == "__main__":
+    main()

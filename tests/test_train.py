@@ -1,0 +1,207 @@
+"""`python -m fairdiff_jax.train` end to end on tiny random models (configs/tiny.py) on 2 CPU devices.
+
+- a run stopped after 2 steps and resumed to 4 ends with the same checkpoint (LoRA, EMA, AdamW state, EMA
+  count, step) as an uninterrupted 4-step run; the LoRA moved away from its initialisation, every loss term
+  was logged, the evaluation wrote grids and metrics;
+- bad inputs (unknown config key, missing classifier / face bank, off-schema prompt file) fail with exit
+  code 2 and a message naming them, before anything compiles (JAX_LOG_COMPILES shows no compilation);
+- the no-gradient generation stage gives the same images on 1 and on 2 devices.
+
+Subprocesses share a persistent compilation cache, so only the first run of the session compiles everything.
+The training and device-count tests are marked slow (minutes on a CPU): `pytest -m slow tests/test_train.py`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairdiff_jax import export
+from fairdiff_jax.tiny_assets import build_tiny_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", "configs/tiny.py"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def run(args, compile_cache, devices=2, log_compiles=False, timeout=900):
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+    if log_compiles:
+        env["JAX_LOG_COMPILES"] = "1"
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train(workdir, assets, compile_cache, *overrides, resume=False):
+    args = ["-m", "fairdiff_jax.train", *TINY, f"--config.assets_dir={assets}", "--workdir", str(workdir), *overrides]
+    result = run(args + (["--resume"] if resume else []), compile_cache)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_trees_equal(a, b, atol=1e-6):
+    flat_a = dict(_flatten(a))
+    flat_b = dict(_flatten(b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_allclose(flat_a[key], flat_b[key], rtol=0, atol=atol, err_msg=key)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}/{i}")
+    elif tree is not None:  # optax's empty states restore as None
+        yield prefix, np.asarray(tree)
+
+
+@pytest.mark.slow  # ~6 min on a busy 2-core CPU (3 training processes, compiling 2 step counts)
+def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
+    whole = tmp_path / "whole"
+    # The uninterrupted run also evaluates at step 0 (current and EMA weights).
+    train(whole, assets, compile_cache, "--config.train.max_steps=4", "--config.eval.at_start=true")
+    split = tmp_path / "split"
+    train(split, assets, compile_cache, "--config.train.max_steps=2")
+    assert export.available_steps(split / "checkpoints") == [2]
+    resumed = train(split, assets, compile_cache, "--config.train.max_steps=4", resume=True)
+    assert "resumed from step 2" in resumed.stderr
+
+    state_whole = export.read_state(whole, 4)
+    state_split = export.read_state(split, 4)
+    assert int(state_whole["step"]) == 4 and int(state_whole["ema_count"]) == 4 - sum(
+        m["skipped"] for m in read_metrics(whole) if m["kind"] == "train"
+    )
+    assert_trees_equal(state_whole, state_split)
+
+    # Training happened: every LoRA 'up' factor started at zero; after 4 AdamW steps they are not all zero.
+    ups = [v for k, v in _flatten(state_whole["params"]) if k.endswith("/up")]
+    assert max(np.abs(u).max() for u in ups) > 0
+    assert set(state_whole["params"]) == {"text_encoder", "unet"}
+
+    # Same per-step logs (prompt, denoising steps, loss) in both runs; every loss term logged at least once.
+    train_logs = [m for m in read_metrics(whole) if m["kind"] == "train"]
+    split_logs = [m for m in read_metrics(split) if m["kind"] == "train"]
+    assert [m["step"] for m in train_logs] == [1, 2, 3, 4] == [m["step"] for m in split_logs]
+    for a, b in zip(train_logs, split_logs):
+        assert (a["prompt"], a["denoising_steps"]) == (b["prompt"], b["denoising_steps"])
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    logged = set().union(*train_logs)
+    assert {"loss_CLIP", "loss_DINO", "loss_face", "loss_fair_gender", "gender_gap", "race_gap", "gender_race_gap"} <= logged
+    assert {m["denoising_steps"] for m in train_logs} <= {2, 3}
+
+    evals = [m for m in read_metrics(whole) if m["kind"] == "eval"]
+    assert len(evals) == 2 and all(m["step"] == 0 for m in evals)
+    assert "current/gender_gap" in evals[0] and "ema/gender_gap" in evals[1]
+    assert len(list((whole / "eval" / "step_0" / "current").glob("prompt_*.jpg"))) == 4  # 1 per kind
+
+    # Export, then generate with the exported LoRA files.
+    out = tmp_path / "exported"
+    result = run(["-m", "fairdiff_jax.export", "--workdir", str(whole), "--step", "4", "--out", str(out)], compile_cache)
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"text_encoder_lora.pth", "text_encoder_lora_EMA.pth", "unet_lora.pth", "unet_lora_EMA.pth",
+            "pytorch_lora_weights.safetensors", "EMA"} <= names
+    assert (out / "EMA" / "pytorch_lora_weights.safetensors").is_file()
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps({"train_prompts": ["a"], "val_prompts": ["a"], "test_prompts": ["a photo of a doctor"]}))
+    images = tmp_path / "images"
+    result = run(["-m", "fairdiff_jax.generate", "--model", str(assets / "sd"), "--prompts", str(prompts_file),
+                  "--save_dir", str(images), "--num_imgs_per_prompt", "2", "--batch_size", "2", "--steps", "2",
+                  "--dtype", "float32", "--text_encoder_lora", str(out / "text_encoder_lora_EMA.pth"),
+                  "--unet_lora", str(out / "unet_lora_EMA.pth")], compile_cache, devices=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (images / "prompt_0").iterdir()) == ["img_0.jpg", "img_1.jpg"]
+
+    result = run(["-m", "fairdiff_jax.export", "--workdir", str(whole), "--step", "3"], compile_cache)
+    assert result.returncode == 2 and "no checkpoint for step 3" in result.stderr and "available steps: 2, 4" in result.stderr
+
+
+def _bad_prompts_dir(tmp_path):
+    folder = tmp_path / "prompts"
+    shutil.copytree(ROOT / "fairdiff_jax" / "data" / "prompts", folder)
+    sports = json.loads((folder / "sports.json").read_text())
+    del sports["val_prompts"]
+    (folder / "sports.json").write_text(json.dumps(sports))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.train.no_such_key=1", ["no_such_key"]),
+        ("--config.model.classifier_path=/nonexistent/classifier.pt", ["config.model.classifier_path", "/nonexistent/classifier.pt"]),
+        ("--config.model.face_bank_path=/nonexistent/face_feats.pkl", ["config.model.face_bank_path", "/nonexistent/face_feats.pkl"]),
+        ("PROMPTS", ["sports.json", "val_prompts"]),
+    ],
+)
+def test_bad_inputs_fail_by_name_before_compiling(tmp_path, assets, compile_cache, override, expected):
+    if override == "PROMPTS":
+        override = f"--config.data.prompts_dir={_bad_prompts_dir(tmp_path)}"
+    args = ["-m", "fairdiff_jax.train", *TINY, f"--config.assets_dir={assets}", "--workdir", str(tmp_path / "w"), override]
+    result = run(args, compile_cache, log_compiles=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    for text in expected:
+        assert text in result.stderr
+    assert "Compiling" not in result.stderr and "Finished tracing" not in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+SAME_IMAGES_SCRIPT = """
+import sys, numpy as np
+from fairdiff_jax import config_cli, debias_step, judges as judges_lib, parallel, train
+config = config_cli.load_config("configs/tiny.py", ["assets_dir=" + sys.argv[1]])
+sd, judges, judge_variables = train.load_models(config)
+mesh = parallel.make_mesh()
+stages = debias_step.Stages(sd, judges, debias_step.settings_from_config(config), mesh, judges_lib.make_detector(config))
+frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
+import jax
+lora = parallel.replicate(debias_step.init_lora(jax.random.key(3), sd, 4, True, True), mesh)
+# A LoRA that changes the images: non-zero 'up' factors.
+lora = jax.tree.map(lambda x: x + 0.05, lora)
+prepared = stages.prepare(lora, frozen, "a photo of the face of a doctor", 2, 7, jax.random.key(5))
+np.savez(sys.argv[2], images=prepared.images, original=prepared.original_images, probs=prepared.probs[0],
+         joint=prepared.targets.joint_probs)
+"""
+
+
+@pytest.mark.slow  # ~2-3 min: two processes compile the generation and judge stages
+def test_generation_stage_images_equal_on_1_and_2_devices(tmp_path, assets, compile_cache):
+    outputs = {}
+    for devices in (1, 2):
+        path = tmp_path / f"stage_{devices}.npz"
+        result = run(["-c", SAME_IMAGES_SCRIPT, str(assets), str(path)], compile_cache, devices=devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[devices] = np.load(path)
+    one, two = outputs[1], outputs[2]
+    assert one["images"].shape == (4, 32, 32, 3)
+    assert np.abs(one["images"] - one["original"]).max() > 1e-3  # the LoRA changed the images
+    for key in ("images", "original", "probs"):
+        np.testing.assert_allclose(one[key], two[key], rtol=0, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(one["joint"], two["joint"], rtol=0, atol=1e-6)
