@@ -63,6 +63,15 @@ def load_prompt_file(path: str | Path, kind: str | None = None) -> dict[str, lis
     field "{occupation}". Extra keys are ignored.
     """
     path = Path(path)
+    data = _read_json_object(path)
+    if kind is None:
+        is_occupation = any(k in data for k in OCCUPATION_KEYS if k != "test_prompts")
+    else:
+        is_occupation = kind == OCCUPATION
+    return _checked_lists(path, data, OCCUPATION_KEYS if is_occupation else PROMPT_LIST_KEYS)
+
+
+def _read_json_object(path: Path) -> dict:
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
     try:
@@ -71,11 +80,11 @@ def load_prompt_file(path: str | Path, kind: str | None = None) -> dict[str, lis
         raise PromptFileError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise PromptFileError(f"{path} holds a {type(data).__name__}, expected a JSON object")
-    if kind is None:
-        is_occupation = any(k in data for k in OCCUPATION_KEYS if k != "test_prompts")
-    else:
-        is_occupation = kind == OCCUPATION
-    keys = OCCUPATION_KEYS if is_occupation else PROMPT_LIST_KEYS
+    return data
+
+
+def _checked_lists(path: Path, data: dict, keys: Sequence[str]) -> dict[str, list[str]]:
+    """{key: list} for `keys`, each a non-empty list of non-empty strings (templates: one {occupation})."""
     prompts = {}
     for key in keys:
         if key not in data:
@@ -158,8 +167,10 @@ def validation_prompts(prompt_sets: Mapping[str, Mapping[str, list[str]]], per_k
 
 
 def load_test_prompts(path: str | Path) -> list[str]:
-    """The `test_prompts` of a prompt file (either schema), for generation and evaluation."""
-    return load_prompt_file(path)["test_prompts"]
+    """The `test_prompts` of a prompt file, for generation and evaluation: any JSON object with that key
+    (both training schemas have it; a file holding only `test_prompts` is enough)."""
+    path = Path(path)
+    return _checked_lists(path, _read_json_object(path), ("test_prompts",))["test_prompts"]
 
 
 def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> np.ndarray:

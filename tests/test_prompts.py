@@ -163,3 +163,15 @@ def test_epoch_order_is_seeded_and_resumable():
     assert [next(resumed) for _ in range(5)] == run[12:17]
     with pytest.raises(ValueError, match="index 7"):
         next(pr.iterate_prompts(prompts, 5, 0, 7))
+
+
+def test_test_prompts_alone_are_enough_for_generation(tmp_path):
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({"test_prompts": ["a photo of a chef", "a photo of a pilot"]}))
+    assert pr.load_test_prompts(path) == ["a photo of a chef", "a photo of a pilot"]
+    path.write_text(json.dumps({"test_prompts": []}))
+    with pytest.raises(pr.PromptFileError, match=r"custom.json: key 'test_prompts' must be a non-empty list"):
+        pr.load_test_prompts(path)
+    path.write_text(json.dumps({"val_prompts": ["x"]}))
+    with pytest.raises(pr.PromptFileError, match=r"custom.json: missing key 'test_prompts'"):
+        pr.load_test_prompts(path)
