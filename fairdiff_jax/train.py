@@ -20,6 +20,7 @@ Without --resume, a workdir that already holds checkpoints is refused.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,8 @@ class MetricsWriter:
         self.active = jax.process_index() == 0
         self.tensorboard = None
         if self.active:
+            # clu imports TensorFlow, whose C++ start-up chatter (oneDNN notices) would bury the progress bar.
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             try:
                 from clu import metric_writers
             except ImportError:
