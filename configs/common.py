@@ -47,7 +47,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.sd_path = assets + "/stable-diffusion-v1-5"  # diffusers folder (unet/, vae/, text_encoder/, ...)
     config.model.dtype = "bfloat16"  # compute/storage dtype of the frozen networks; LoRA, EMA, losses stay float32
-    config.model.attention_impl = "xla"  # 'xla' | 'cudnn' | 'einsum' (models/attention.py)
+    # 'xla' | 'cudnn' | 'einsum' | 'chunked' (models/attention.py). For training at 512x512: 'cudnn' (flash
+    # attention) on a GPU; elsewhere 'chunked', which keeps the gradient stage's 4096x4096 attention
+    # scores one block of queries at a time (scripts/benchmark_train_step.py --sd15-shapes: 29 GiB
+    # per device with it and remat, 84 GiB with 'xla').
+    config.model.attention_impl = "xla"
     config.model.remat = True  # rematerialise UNet / VAE blocks in the backward pass (the original's grad checkpointing)
     config.model.guidance_scale = 7.5
     config.model.classifier_path = (

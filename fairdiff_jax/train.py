@@ -99,8 +99,9 @@ def load_models(config):
     )
     sd = dataclasses.replace(
         sd,
-        # remat: the gradient stage recomputes each UNet block's activations instead of keeping them.
+        # remat: the gradient stage recomputes each UNet / VAE block's activations instead of keeping them.
         unet=sd.unet.clone(remat=bool(config.model.remat)),
+        vae=sd.vae.clone(remat=bool(config.model.remat)),
         text_encoder=text_encoder,
         text_encoder_params=jax.tree.map(jnp.asarray, text_encoder_params),
     )

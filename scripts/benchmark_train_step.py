@@ -17,12 +17,16 @@ iteration each: lower bounds, not totals.
 --sd15-shapes lowers the gradient stage with abstract arrays (jax.ShapeDtypeStruct) for SD v1-5 (UNet,
 VAE decoder, CLIP text), CLIP ViT-H/14, DINOv2 ViT-B/14, mobilenet_v3_large (6 classes) and SFNet-20 in
 bfloat16, 512x512 images, 23 denoising steps, 20 images per device in micro-batches of 4 (text-encoder
-LoRA) and of 3 (UNet LoRA), and prints XLA's memory analysis per device (target: <= 32 GiB). It compiles
-for the machine's first device: run it where the training runs. On a CPU (measured 2026-11-27, ~5-10 min
-per compile) it reports 84 GiB (text-encoder LoRA) and 76 GiB (UNet LoRA) of which the UNet's backward
-at batch 8 with materialised 4096x4096 attention ('xla' kernel) is ~77 GiB and the VAE decode's backward
-at batch 4 ~19 GiB: the CPU compiler upcasts bf16 and has no flash attention, so this is an upper bound,
-not the GPU number. A PyTorch step of the same math is not part of this script yet.
+LoRA) and of 3 (UNet LoRA), and prints XLA's memory analysis per device (target: <= 32 GiB). The UNet and
+the VAE decoder run with remat and `--attention_impl` (default 'chunked'; 'cudnn' on a GPU). It compiles
+for the machine's first device: run it where the training runs. On a CPU (measured 2026-11-27, ~5 min
+per compile) it reports 29.2 GiB (text-encoder LoRA) and 24.6 GiB (UNet LoRA) with 'chunked' attention;
+with 'xla' attention and no VAE remat it reported 84 GiB and 76 GiB, of which the UNet's backward at
+batch 8 with materialised 4096x4096 attention was ~77 GiB and the VAE decode's backward at batch 4 ~19 GiB.
+The CPU compiler upcasts bf16, so these are upper bounds, not the GPU numbers. A PyTorch step of the
+same math is not part of this script yet.
+
+    python scripts/benchmark_train_step.py --sd15-shapes --sd15-lora unet --attention_impl cudnn   # on a GPU
 """
 
 import argparse
@@ -39,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # config files import `configs.common`
 
 from fairdiff_jax import config_cli, debias_step, judges as judges_lib, optim, parallel, sampler
+from fairdiff_jax.models.attention import ATTENTION_IMPLS
 from fairdiff_jax.train import load_models
 
 GIB = 2**30
@@ -97,16 +102,20 @@ def benchmark_tiny(config, steps: int) -> None:
 # ---- SD-1.5 shapes, compile only -------------------------------------------------------------------------
 
 
-def sd15_abstract_models(dtype):
-    """Modules of the real networks and ShapeDtypeStruct params (nothing allocated, nothing initialised)."""
+def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
+    """Modules of the real networks and ShapeDtypeStruct params (nothing allocated, nothing initialised).
+
+    The UNet and the VAE decoder (the networks differentiated at 64x64 latents) use `attention_impl` and
+    remat; the judges (257 tokens at most) keep the default kernel."""
     from fairdiff_jax.models import clip, dinov2, mobilenet_v3, sfnet
     from fairdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
     from fairdiff_jax.models.vae import AutoencoderKLDecoder, VAEDecoderConfig
     from fairdiff_jax.stable_diffusion import StableDiffusion
     from fairdiff_jax.tiny_sd import build_tokenizer
 
-    unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768), dtype=dtype, param_dtype=dtype, remat=True)
-    vae = AutoencoderKLDecoder(VAEDecoderConfig(), dtype, dtype)
+    unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768), dtype=dtype, param_dtype=dtype,
+                                attention_impl=attention_impl, remat=True)
+    vae = AutoencoderKLDecoder(VAEDecoderConfig(), dtype, dtype, attention_impl, remat=True)
     text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                                 num_attention_heads=12), jnp.float32, jnp.float32)
     latents = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
@@ -134,10 +143,10 @@ def sd15_abstract_models(dtype):
 
 
 def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, images_per_device: int = 20,
-                num_steps: int = 23, dtype=jnp.bfloat16) -> None:
+                num_steps: int = 23, dtype=jnp.bfloat16, attention_impl: str = "chunked") -> None:
     from fairdiff_jax import tiny_assets
 
-    sd, judges, judge_variables = sd15_abstract_models(dtype)
+    sd, judges, judge_variables = sd15_abstract_models(dtype, attention_impl)
     mesh = parallel.make_mesh(jax.devices()[:1])
     config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
     config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
@@ -167,7 +176,7 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     memory = compiled.memory_analysis()
     part = "text encoder" if train_text_encoder and not train_unet else ("UNet" if not train_text_encoder else "both")
     print(f"SD-1.5 shapes, {part} LoRA, micro-batch {micro_batch}, {b} images per device, {num_steps} steps, "
-          f"{jnp.dtype(dtype).name} frozen weights (compiled in {time.perf_counter() - started:.0f} s on {jax.devices()[0].device_kind}):")
+          f"{jnp.dtype(dtype).name} frozen weights, '{attention_impl}' attention in the UNet and VAE (compiled in {time.perf_counter() - started:.0f} s on {jax.devices()[0].device_kind}):")
     if memory is None:
         print("  memory analysis not available on this backend")
         return
@@ -187,10 +196,16 @@ def main(argv=None):
     parser.add_argument("--assets", type=Path, help="tiny assets folder (default: built in a temporary folder)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
     parser.add_argument("--sd15-shapes", action="store_true")
+    parser.add_argument("--sd15-lora", choices=("text_encoder", "unet", "both"), default="both",
+                        help="with --sd15-shapes: which LoRA configuration(s) to compile (each takes minutes)")
+    parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="chunked",
+                        help="with --sd15-shapes: the UNet's and VAE's attention kernel ('cudnn' on a GPU)")
     args, config_args = parser.parse_known_args(argv[1:])
     if args.sd15_shapes:
-        sd15_memory(True, False, 4)
-        sd15_memory(False, True, 3)
+        if args.sd15_lora in ("text_encoder", "both"):
+            sd15_memory(True, False, 4, attention_impl=args.attention_impl)
+        if args.sd15_lora in ("unet", "both"):
+            sd15_memory(False, True, 3, attention_impl=args.attention_impl)
         return
     if not any(a.startswith("--config") for a in config_args):
         config_args = ["--config", str(ROOT / "configs" / "tiny.py")] + config_args

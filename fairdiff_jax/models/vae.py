@@ -35,6 +35,11 @@ ENCODER_KEYS = (r"^encoder\.", r"^quant_conv\.")
 _EPS = 1e-6  # every GroupNorm of the decoder
 
 
+def _layer(cls, remat: bool):
+    """`cls`, or nn.remat(cls) (same params; its activations are recomputed in the backward pass)."""
+    return nn.remat(cls) if remat else cls
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEDecoderConfig:
     """The decoder-relevant fields of a diffusers AutoencoderKL `config.json` (defaults: SD v1-5)."""
@@ -134,14 +139,17 @@ class MidBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: AttentionImpl = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, self.dtype, self.param_dtype, name="resnets_0")(x)
+        resnet = _layer(ResnetBlock, self.remat)
+        x = resnet(c, self.groups, self.dtype, self.param_dtype, name="resnets_0")(x)
         if self.add_attention:
-            x = SpatialSelfAttention(self.groups, self.dtype, self.param_dtype, self.attention_impl, name="attentions_0")(x)
-        return ResnetBlock(c, self.groups, self.dtype, self.param_dtype, name="resnets_1")(x)
+            attention = _layer(SpatialSelfAttention, self.remat)
+            x = attention(self.groups, self.dtype, self.param_dtype, self.attention_impl, name="attentions_0")(x)
+        return resnet(c, self.groups, self.dtype, self.param_dtype, name="resnets_1")(x)
 
 
 class Upsample(nn.Module):
@@ -163,13 +171,14 @@ class UpDecoderBlock(nn.Module):
     add_upsample: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, self.dtype, self.param_dtype, name=f"resnets_{j}")(x)
+            x = _layer(ResnetBlock, self.remat)(self.out_channels, self.groups, self.dtype, self.param_dtype, name=f"resnets_{j}")(x)
         if self.add_upsample:
-            x = Upsample(self.dtype, self.param_dtype, name="upsamplers_0")(x)
+            x = _layer(Upsample, self.remat)(self.dtype, self.param_dtype, name="upsamplers_0")(x)
         return x
 
 
@@ -178,6 +187,7 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: AttentionImpl = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, z):
@@ -185,10 +195,14 @@ class Decoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = tuple(reversed(cfg.block_out_channels))
         x = nn.Conv(channels[0], (3, 3), padding=1, name="conv_in", **kw)(z)
-        x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, attention_impl=self.attention_impl, name="mid_block", **kw)(x)
+        x = MidBlock(
+            cfg.norm_num_groups, cfg.mid_block_add_attention, attention_impl=self.attention_impl, remat=self.remat,
+            name="mid_block", **kw,
+        )(x)
         for i, c in enumerate(channels):
             x = UpDecoderBlock(
-                c, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < len(channels) - 1, name=f"up_blocks_{i}", **kw
+                c, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < len(channels) - 1, remat=self.remat,
+                name=f"up_blocks_{i}", **kw,
             )(x)
         x = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=_EPS, name="conv_norm_out", **kw)(x))
         return nn.Conv(cfg.out_channels, (3, 3), padding=1, name="conv_out", **kw)(x)
@@ -196,19 +210,25 @@ class Decoder(nn.Module):
 
 class AutoencoderKLDecoder(nn.Module):
     """latents z: [B, h, w, latent_channels] (already divided by `config.scaling_factor`)
-    -> images [B, f*h, f*w, out_channels] float32, roughly in [-1, 1] and NOT clamped (f = config.upsampling_factor)."""
+    -> images [B, f*h, f*w, out_channels] float32, roughly in [-1, 1] and NOT clamped (f = config.upsampling_factor).
+
+    remat: wrap every resnet, the mid-block attention and every upsampler in nn.remat, so that a
+    backward pass through the decoder recomputes their activations (at 512x512 the 128- and
+    256-channel full-resolution maps dominate) instead of keeping them; same params, same values.
+    """
 
     config: VAEDecoderConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: AttentionImpl = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, z):
         z = z.astype(self.dtype)
         if self.config.use_post_quant_conv:
             z = nn.Conv(self.config.latent_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name="post_quant_conv")(z)
-        images = Decoder(self.config, self.dtype, self.param_dtype, self.attention_impl, name="decoder")(z)
+        images = Decoder(self.config, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="decoder")(z)
         return images.astype(jnp.float32)
 
 
