@@ -9,7 +9,7 @@ want=$(cat "$root/requirements.txt" "$root/pyproject.toml" | sha256sum | cut -d'
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[setup] installing requirements into $venv (first run: ~2 minutes, ~6 GB)" >&2
+echo "[setup] installing requirements into $venv (first run: ~3 minutes, ~7.5 GB)" >&2
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
 "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" 2>&1 | grep -v "is ignored" >&2 || true
