@@ -5,7 +5,8 @@ person"), optionally a style, a context and attribute words. An image is a small
 (`IMAGE_SIZE` x `IMAGE_SIZE` RGB in [-1, 1]) of a face-like figure on the subject's scene:
 
   scene     the subject's background colour and pattern (plain, stripes, checker, diagonal,
-            dots), a prop (disc or square in an upper corner) and clothing colour; a context
+            dots; at a fixed place per subject, give or take half a pixel), a prop (disc or
+            square in an upper corner) and clothing colour; a context
             changes the background ("by the sea": a sea band, "in a forest": trunks and canopy,
             "in the snow": snowflakes, "at night": everything darker and bluer); a style is a
             post-process ("watercolor painting": softened and paler, "pop art portrait":
@@ -18,8 +19,13 @@ person"), optionally a style, a context and attribute words. An image is a small
 
 Each subject has a fixed, strongly biased joint distribution over gender x race (joint class
 j = 4 g + r, SPEC's class order: gender 0 female, 1 male; race 0 White, 1 Black, 2 Indian,
-3 Asian) and a probability of "old"; attribute words in a prompt ("female", "asian", "old", ...)
-condition on that attribute. Everything is a pure function of the module's constants and the
+3 Asian): one joint class holds 60-85% of the mass (male for 60% of the subjects, White for half),
+the rest is spread at random; and a probability of "old" (15-55%). Attribute words in a prompt
+("female", "asian", "old", ...) condition on that attribute.
+
+Images are 32 x 32, not 64: the diffusion model, detector and classifiers are trained on 2 CPU
+cores in minutes, and the debiasing loop differentiates through every sampling step; at 32 pixels
+a face is still about 14 x 18 pixels, with every attribute plainly visible. Everything is a pure function of the module's constants and the
 caller's seed; the subject tables come from `WORLD_SEED`.
 
     batch = render_prompts(["a photo of the face of a doctor, a person"] * 8, np.random.default_rng(0))
