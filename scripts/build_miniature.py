@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fairdiff_jax import tiny_sd
+from fairdiff_jax import metrics, tiny_sd
+from fairdiff_jax import prompts as prompt_lib
 from fairdiff_jax.miniature import world
 
 LATENT_CHANNELS = 4
@@ -576,8 +577,6 @@ def save_similarity_towers(out: Path, seed: int) -> None:
 
 def true_bias(prompt: str) -> dict:
     """The world's own distribution for a prompt and its gaps (SPEC 6's bias, on probabilities)."""
-    from fairdiff_jax import metrics
-
     spec = world.parse_prompt(prompt)
     joint = world.joint_distribution(spec)
     return {
@@ -600,7 +599,7 @@ def check_generator(sd_folder: Path, prompts: Sequence[str], num_images: int, de
     import jax
     from PIL import Image
 
-    from fairdiff_jax import faces, metrics, sampler
+    from fairdiff_jax import faces, sampler
     from fairdiff_jax.stable_diffusion import encode_prompt_pair, load_stable_diffusion
 
     sd = load_stable_diffusion(sd_folder)
@@ -686,10 +685,11 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
                                          detector_steps, seed=seed + 1, log=log)
     detector_lib.save_detector(params, world.IMAGE_SIZE, out / "face_detector.safetensors")
     detector = detector_lib.MiniatureFaceDetector.from_file(out / "face_detector.safetensors")
+    defined = lambda report: {k: v for k, v in report.items() if not math.isnan(v)}  # noqa: E731
     manifest["detector_accuracy"] = {
-        "faces": detector_lib.detection_accuracy(detector, held_out),
-        "decoded_faces": detector_lib.detection_accuracy(detector, held_out_decoded),
-        "backgrounds": detector_lib.detection_accuracy(detector, world.background_renders(1000, seed + 1002)),
+        "faces": defined(detector_lib.detection_accuracy(detector, held_out)),
+        "decoded_faces": defined(detector_lib.detection_accuracy(detector, held_out_decoded)),
+        "backgrounds": defined(detector_lib.detection_accuracy(detector, world.background_renders(1000, seed + 1002))),
     }
     log(f"detector on held-out renders: {manifest['detector_accuracy']}")
     log.stage("detector", began)
@@ -754,8 +754,6 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
         for row in manifest["generated_check"]:
             log(f"generated: {row}")
         log.stage("generator check", began)
-
-    from fairdiff_jax import prompts as prompt_lib
 
     manifest["true_bias"] = {
         "validation_prompts": {p: true_bias(p) for p in prompt_lib.validation_prompts(prompt_sets)},

@@ -180,7 +180,7 @@ def test_tokenizer_has_one_token_per_world_word():
 @pytest.mark.slow
 def test_build_script_writes_loadable_assets(tmp_path):
     """scripts/build_miniature.py end to end on a tiny budget (nothing is trained to quality): every
-    file is written and loads through the production loaders. About 2 minutes on 2 cores."""
+    file is written and loads through the production loaders. About a minute on 2 cores."""
     import jax.numpy as jnp
 
     from fairdiff_jax.face_bank import load_face_bank
