@@ -27,7 +27,7 @@ from fairdiff_jax import evaluate as ev
 from fairdiff_jax import faces
 from fairdiff_jax.models import clip, dinov2
 from test_clip import TINY_VISION, randomize_
-from test_faces import _reference_chip, _reference_square_box
+from face_torch_reference import reference_face_chip, reference_square_box
 from test_mobilenet_v3 import _torch_classifier
 
 SIZE = 64  # image side
@@ -137,7 +137,7 @@ def test_results_pkl_has_the_original_schema_and_torch_logits(tmp_path, torch_cl
                              prompt_texts=["a doctor", "a nurse"], progress=False)
     indicators, bboxs, gender, race, age = load_with_readme_snippet(out / "test_results.pkl")
 
-    assert _reference_square_box(FACE_BOX.tolist(), 0.5) == CROP_BOX
+    assert reference_square_box(FACE_BOX.tolist(), 0.5) == CROP_BOX
     torch_models = torch_classifiers[0]
     for i, brights in LAYOUT.items():
         assert set(indicators) == set(bboxs) == set(gender) == set(race) == set(age) == {0, 1}
@@ -149,7 +149,7 @@ def test_results_pkl_has_the_original_schema_and_torch_logits(tmp_path, torch_cl
         pixels = np.stack([np.asarray(Image.open(images / f"prompt_{i}" / f"img_{j}.jpg")) for j in range(3)])
         image_chw = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 * 2 - 1
         chips = torch.stack([
-            _reference_chip(image_chw[j], CROP_BOX, FACE_SIZE) if b else torch.full((3, FACE_SIZE, FACE_SIZE), -1.0)
+            reference_face_chip(image_chw[j], CROP_BOX, FACE_SIZE) if b else torch.full((3, FACE_SIZE, FACE_SIZE), -1.0)
             for j, b in enumerate(brights)
         ])
         for got, model, k in zip((gender[i], race[i], age[i]), torch_models, (2, 4, 2)):

@@ -1,6 +1,6 @@
 """Face detection on real photos against facenet-pytorch's MTCNN, and the device-side crops against
-the original's own operations (torchvision pad + resize, skimage similarity estimate + kornia 0.7.1
-warp_affine)."""
+the original's own operations (torchvision pad + resize: tests/face_torch_reference.py; skimage
+similarity estimate + kornia 0.7.1 warp_affine)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 import skimage.data
 import skimage.transform
 import torch
-import torchvision.transforms.functional as TF
+from face_torch_reference import reference_face_chip, reference_square_box
 from PIL import Image
 
 from fairdiff_jax import faces
@@ -107,38 +107,17 @@ def test_largest_faces_uses_area_clipped_to_the_image():
 # Crops.
 
 
-def _reference_square_box(box, expand_coef):
-    """The original's expand_bbox with target_ratio 1, in Python floats."""
-    width, height = box[2] - box[0], box[3] - box[1]
-    if height / width > 1:
-        more_height = height * expand_coef
-        more_width = height + more_height - width
-    else:
-        more_width = width * expand_coef
-        more_height = width + more_width - height
-    return [round(box[0] - more_width / 2), round(box[1] - more_height / 2),
-            round(box[2] + more_width / 2), round(box[3] + more_height / 2)]
-
-
-def _reference_chip(image_chw, box, size):
-    """The original's crop_face: slice, pad with -1 where the box leaves the image, bilinear resize
-    (torchvision 0.16 on tensors, i.e. without antialiasing)."""
-    x1, y1, x2, y2 = (int(v) for v in box)
-    height, width = image_chw.shape[-2:]
-    crop = image_chw[:, max(y1, 0):min(y2, height), max(x1, 0):min(x2, width)]
-    crop = TF.pad(crop, [max(-x1, 0), max(-y1, 0), max(x2 - width, 0), max(y2 - height, 0)], fill=-1.0)
-    return TF.resize(crop, [size, size], antialias=False)
 
 
 def test_square_boxes_match_the_original_expansion():
     boxes = np.array([[181.05, 62.16, 267.75, 172.05], [10.4, 20.2, 90.7, 45.1], [-30.0, 400.5, 100.0, 530.9],
                       [-1, -1, -1, -1]], np.float32)
     got = np.asarray(faces.square_boxes(boxes, 0.5))
-    want = [_reference_square_box([float(v) for v in b], 0.5) for b in boxes[:3]]
+    want = [reference_square_box([float(v) for v in b], 0.5) for b in boxes[:3]]
     np.testing.assert_array_equal(got[:3], want)
     np.testing.assert_array_equal(got[3], -1)  # a "no face" row stays -1
     per_image = np.asarray(faces.square_boxes(boxes[:2], np.array([0.5, 1.1])))
-    np.testing.assert_array_equal(per_image[1], _reference_square_box([float(v) for v in boxes[1]], 1.1))
+    np.testing.assert_array_equal(per_image[1], reference_square_box([float(v) for v in boxes[1]], 1.1))
 
 
 def test_face_chips_match_original_crop_and_resize(photos, detections):
@@ -152,7 +131,7 @@ def test_face_chips_match_original_crop_and_resize(photos, detections):
     assert chips.shape == (5, 224, 224, 3)
     np.testing.assert_array_equal(chips[1], -1.0)
     for k in (0, 2, 3, 4):
-        want = _reference_chip(torch.from_numpy(images[image_rows[k]]).permute(2, 0, 1), boxes[k], 224)
+        want = reference_face_chip(torch.from_numpy(images[image_rows[k]]).permute(2, 0, 1), boxes[k], 224)
         # float32 source coordinates computed in a different order: ~1e-5 differences.
         np.testing.assert_allclose(chips[k], want.permute(1, 2, 0).numpy(), atol=1e-4)
     assert (chips[3, :20, :20] == -1).all() and (chips[3, 60:, 60:] > -1).any()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torchvision
+from torchvision.models import mobilenetv3
 
 from fairdiff_jax import weights
 from fairdiff_jax.models.mobilenet_v3 import load_mobilenet_v3
@@ -15,7 +15,7 @@ from fairdiff_jax.models.mobilenet_v3 import load_mobilenet_v3
 RELATIVE_TOL = 2e-5
 
 
-def _torch_classifier(num_classes: int, size: int = 64, seed: int = 0) -> torch.nn.Module:
+def _torch_classifier(num_classes: int, size: int = 64, seed: int = 0, width_mult: float = 1.0) -> torch.nn.Module:
     """Random-weight torchvision model in eval mode whose outputs depend on the input.
 
     torchvision's init shrinks the signal ~sqrt(2/C)-fold at every depthwise conv, which a trained
@@ -25,7 +25,8 @@ def _torch_classifier(num_classes: int, size: int = 64, seed: int = 0) -> torch.
     swapped mean/var or a dropped bias would show.
     """
     torch.manual_seed(seed)
-    model = torchvision.models.mobilenet_v3_large(num_classes=num_classes)
+    setting, last_channel = mobilenetv3._mobilenet_v3_conf("mobilenet_v3_large", width_mult=width_mult)
+    model = mobilenetv3.MobileNetV3(setting, last_channel, num_classes=num_classes)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -59,9 +60,10 @@ def _torch_logits(model: torch.nn.Module, chips: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(chips.transpose(0, 3, 1, 2))).numpy()
 
 
-@pytest.mark.parametrize("num_classes, size", [(6, 224), (2, 64), (4, 64)])
-def test_logits_match_torchvision(tmp_path, num_classes, size):
-    model = _torch_classifier(num_classes, size)
+@pytest.mark.parametrize("num_classes, size, width_mult", [(6, 224, 1.0), (2, 64, 1.0), (4, 64, 1.0), (6, 64, 0.25)])
+def test_logits_match_torchvision(tmp_path, num_classes, size, width_mult):
+    """width_mult 0.25: the miniature world's classifiers (torchvision's own scaled table)."""
+    model = _torch_classifier(num_classes, size, width_mult=width_mult)
     module, variables = load_mobilenet_v3(_save(model, tmp_path / "clf.pt"), num_classes)
     chips = _chips(size)
     want = _torch_logits(model, chips)

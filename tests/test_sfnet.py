@@ -1,4 +1,4 @@
-"""SFNet-20 in Flax vs a PyTorch SFNet-20 written here from SPEC 1a and opensphere's backbone code.
+"""SFNet-20 in Flax vs the PyTorch SFNet-20 of tests/face_torch_reference.py (SPEC 1a, opensphere's backbone).
 
 The reference is built from the facts (layer widths, block counts, conv/bias/BN placement, ReLU
 positions, channel-major flatten, DataParallel key prefix), not from the Flax code under test.
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from face_torch_reference import TorchSFNet20
 from torch import nn
 
 from fairdiff_jax import weights
@@ -18,54 +19,6 @@ RELATIVE_TOL = 2e-5  # max-abs difference allowed, relative to the largest refer
 GRADIENT_RELATIVE_L2 = 1e-2  # ||grad - torch grad|| / ||torch grad||
 
 
-def _conv3x3(cin, cout, stride, batch_norm):
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=not batch_norm)
-
-
-class StageEntry(nn.Module):  # opensphere ConvBlock
-    def __init__(self, cin, cout, batch_norm, conv_name="conv1"):
-        super().__init__()
-        self.conv_name = conv_name
-        setattr(self, conv_name, _conv3x3(cin, cout, 2, batch_norm))
-        self.bn1 = nn.BatchNorm2d(cout) if batch_norm else nn.Identity()
-
-    def forward(self, x):
-        return torch.relu(self.bn1(getattr(self, self.conv_name)(x)))
-
-
-class Block(nn.Module):  # opensphere BasicBlock
-    def __init__(self, width, batch_norm):
-        super().__init__()
-        self.batch_norm = batch_norm
-        self.conv1 = _conv3x3(width, width, 1, batch_norm)
-        self.conv2 = _conv3x3(width, width, 1, batch_norm)
-        self.bn1 = nn.BatchNorm2d(width) if batch_norm else nn.Identity()
-        self.bn2 = nn.BatchNorm2d(width) if batch_norm else nn.Identity()
-
-    def forward(self, x):
-        y = self.conv2(torch.relu(self.bn1(self.conv1(x))))
-        if self.batch_norm:  # sfnet.py: ReLU after the identity is added
-            return torch.relu(self.bn2(y) + x)
-        return torch.relu(y) + x  # sfnet_deprecated.py: ReLU before the identity is added
-
-
-class TorchSFNet20(nn.Module):
-    def __init__(self, batch_norm, conv_name="conv1"):
-        super().__init__()
-        widths, blocks, cin = (64, 128, 256, 512), (1, 2, 4, 1), 3
-        for stage, (width, count) in enumerate(zip(widths, blocks), start=1):
-            layers = [StageEntry(cin, width, batch_norm, conv_name)] + [Block(width, batch_norm) for _ in range(count)]
-            setattr(self, f"layer{stage}", nn.Sequential(*layers))
-            cin = width
-        self.fc = nn.Linear(512 * 7 * 7, 512)
-        self.features = nn.BatchNorm1d(512) if batch_norm else nn.Identity()
-
-    def forward(self, x):
-        for stage in range(1, 5):
-            x = getattr(self, f"layer{stage}")(x)
-        return self.features(self.fc(torch.flatten(x, 1)))
-
-
 def _faces(n=2, seed=0):
     """Aligned-face stand-ins [n, 112, 112, 3] in [-1, 1], not left-right symmetric."""
     rng = np.random.default_rng(seed)
@@ -73,11 +26,11 @@ def _faces(n=2, seed=0):
     return np.clip(0.8 * coarse + rng.uniform(-0.2, 0.2, coarse.shape), -1, 1).astype(np.float32)
 
 
-def _torch_net(batch_norm, conv_name="conv1", seed=0):
+def _torch_net(batch_norm, conv_name="conv1", seed=0, **shape):
     """Random weights scaled so that activations keep an O(1) scale through the 20 layers, BatchNorm
     statistics from a forward pass over random faces (as a trained net's), random affine terms."""
     torch.manual_seed(seed)
-    net = TorchSFNet20(batch_norm, conv_name)
+    net = TorchSFNet20(batch_norm, conv_name, **shape)
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.Conv2d):
@@ -132,6 +85,18 @@ def test_features_match_torch(tmp_path, batch_norm):
         "test faces should not be flip-symmetric for the features"
     )
     np.testing.assert_allclose(got_feature, want_feature, atol=RELATIVE_TOL, rtol=0)
+
+
+def test_narrow_net_loads_with_its_own_widths(tmp_path):
+    """The miniature world's SFNet: same layout, 8x narrower stages and 128-d features."""
+    net = _torch_net(False, widths=(8, 16, 32, 64), feature_dim=128)
+    module, variables = load_sfnet(_save_data_parallel(net, tmp_path / "narrow.pth"))
+    assert module.stage_channels == (8, 16, 32, 64) and module.feature_dim == 128
+    faces = _faces()
+    want = _torch_out(net, faces)
+    got = np.asarray(jax.jit(module.apply)(variables, faces))
+    assert got.shape == (2, 128)
+    np.testing.assert_allclose(got, want, atol=RELATIVE_TOL * np.abs(want).max(), rtol=0)
 
 
 def test_older_opensphere_naming_loads(tmp_path):

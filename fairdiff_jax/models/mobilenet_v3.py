@@ -27,6 +27,7 @@ from fairdiff_jax import weights
 
 BATCH_NORM_EPS = 1e-3  # torchvision's MobileNetV3 norm layer: BatchNorm2d(eps=0.001, momentum=0.01)
 HEAD_KEY = "classifier.3.weight"
+WIDTH_KEY = "classifier.0.weight"  # [1280 * width_mult, 960 * width_mult]
 
 
 class InvertedResidualConfig(NamedTuple):
@@ -64,6 +65,19 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
     """torchvision's channel rounding (nearest multiple of `divisor`, never more than 10% down)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def large_config(width_mult: float) -> tuple[InvertedResidualConfig, ...]:
+    """LARGE_CONFIG with every width scaled as torchvision's `width_mult` does (then rounded)."""
+    scale = lambda channels: _make_divisible(channels * width_mult)  # noqa: E731
+    return tuple(
+        cfg._replace(
+            input_channels=scale(cfg.input_channels),
+            expanded_channels=scale(cfg.expanded_channels),
+            out_channels=scale(cfg.out_channels),
+        )
+        for cfg in LARGE_CONFIG
+    )
 
 
 def _conv_bn(
@@ -163,22 +177,24 @@ class MobileNetV3Large(nn.Module):
     """
 
     num_classes: int
+    width_mult: float = 1.0  # torchvision's; the original classifiers use 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, face_chips: jax.Array) -> jax.Array:
+        table = large_config(self.width_mult)
         x = face_chips.astype(self.dtype)
-        x = _conv_bn(self, x, "features_0", LARGE_CONFIG[0].input_channels, 3, 2, activation=jax.nn.hard_swish)
-        for i, cfg in enumerate(LARGE_CONFIG, start=1):
+        x = _conv_bn(self, x, "features_0", table[0].input_channels, 3, 2, activation=jax.nn.hard_swish)
+        for i, cfg in enumerate(table, start=1):
             x = InvertedResidual(cfg, self.dtype, self.param_dtype, name=f"features_{i}")(x)
-        last = len(LARGE_CONFIG) + 1
-        x = _conv_bn(self, x, f"features_{last}", 6 * LARGE_CONFIG[-1].out_channels, 1, activation=jax.nn.hard_swish)
+        last = len(table) + 1
+        x = _conv_bn(self, x, f"features_{last}", 6 * table[-1].out_channels, 1, activation=jax.nn.hard_swish)
         x = jnp.mean(x, axis=(1, 2))
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
-        x = jax.nn.hard_swish(dense(LAST_CHANNEL, "classifier_0")(x))
+        x = jax.nn.hard_swish(dense(_make_divisible(LAST_CHANNEL * self.width_mult), "classifier_0")(x))
         # classifier_2 is torchvision's Dropout(0.2): the identity at inference.
         return dense(self.num_classes, "classifier_3")(x).astype(jnp.float32)
 
@@ -200,7 +216,8 @@ def load_mobilenet_v3(
 
     The file may hold the state dict itself or a dict wrapping it under 'state_dict' / 'model'
     (`weights.read_state_dict`). The head width is read from `classifier.3.weight`; when
-    `num_classes` is given it must agree. Variables come back as numpy arrays
+    `num_classes` is given it must agree. The width multiplier is read from `classifier.0.weight`
+    (1280 x width_mult rows), so narrower torchvision nets (`width_mult=0.25`) load too. Variables come back as numpy arrays
     (`{'params': ..., 'batch_stats': ...}`); put them on device with the sharding you need.
     """
     state_dict = weights.read_state_dict(path)
@@ -211,6 +228,9 @@ def load_mobilenet_v3(
         raise weights.WeightLoadError(
             f"{path}: {HEAD_KEY} has {file_classes} output classes, but {num_classes} were asked for"
         )
-    module = MobileNetV3Large(file_classes, dtype=dtype, param_dtype=param_dtype)
+    if WIDTH_KEY not in state_dict:
+        raise weights.WeightLoadError(f"{path} has no {WIDTH_KEY!r}: not a torchvision mobilenet_v3_large state dict")
+    width_mult = state_dict[WIDTH_KEY].shape[0] / LAST_CHANNEL
+    module = MobileNetV3Large(file_classes, width_mult, dtype=dtype, param_dtype=param_dtype)
     variables = weights.convert_with_batch_stats(state_dict, variable_shapes(module, 32), source=str(path))
     return module, variables

@@ -14,10 +14,14 @@ Both end with Linear(512 * 7 * 7, 512) over the 7 x 7 x 512 map flattened in PyT
 channel-major (C, H, W) order: the NHWC map is transposed before flattening, so `fc`'s kernel is
 the checkpoint's, merely transposed (no permutation at load time).
 
+The stage widths and the feature size are module fields, read from a checkpoint's shapes by
+`load_sfnet`, so narrower nets of the same layout (the miniature world's) load too.
+
 Names follow the PyTorch modules (`layer3_2/conv1`, `fc`, `features`), checkpoints saved through
 `nn.DataParallel` (keys `module.*`) load as they are.
 """
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +43,25 @@ class SFNet20(nn.Module):
     """Face feature net.
 
     Input: aligned faces [N, 112, 112, 3] in [-1, 1] (the aligned chip as is).
-    Output: unnormalised features [N, 512] float32.
+    Output: unnormalised features [N, feature_dim] float32.
     """
 
     batch_norm: bool = False  # False: "sfnet20_deprecated"; True: "sfnet20"
+    stage_channels: tuple[int, ...] = STAGE_CHANNELS
+    feature_dim: int = FEATURE_DIM
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, aligned_faces: jax.Array) -> jax.Array:
         x = aligned_faces.astype(self.dtype)
-        for stage, (width, blocks) in enumerate(zip(STAGE_CHANNELS, STAGE_BLOCKS), start=1):
+        for stage, (width, blocks) in enumerate(zip(self.stage_channels, STAGE_BLOCKS), start=1):
             x = _StageEntry(width, self.batch_norm, self.dtype, self.param_dtype, name=f"layer{stage}_0")(x)
             for block in range(1, blocks + 1):
                 x = _ResidualBlock(self.batch_norm, self.dtype, self.param_dtype, name=f"layer{stage}_{block}")(x)
         # PyTorch flattens [N, C, H, W]: flatten in that order so that `fc` is the checkpoint's.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-        x = nn.Dense(FEATURE_DIM, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
+        x = nn.Dense(self.feature_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         if self.batch_norm:
             x = _batch_norm(self, "features")(x)
         return x.astype(jnp.float32)
@@ -127,7 +133,7 @@ def face_features(module: SFNet20, variables: dict, aligned_faces: jax.Array) ->
       aligned_faces: [N, 112, 112, 3] in [-1, 1].
 
     Returns:
-      [N, 512] float32, unit L2 norm; differentiable w.r.t. `aligned_faces`.
+      [N, feature_dim] float32, unit L2 norm; differentiable w.r.t. `aligned_faces`.
     """
     n = aligned_faces.shape[0]
     # One forward over both orientations: a batch of 2N runs better than two of N.
@@ -136,17 +142,14 @@ def face_features(module: SFNet20, variables: dict, aligned_faces: jax.Array) ->
     return l2_normalize(feats[:n] + feats[n:])
 
 
-# Older opensphere releases named the stage-entry conv `conv` instead of `conv1`.
-_RENAME_RULES = ((r"^(layer\d+\.0)\.conv\.", r"\1.conv1."),)
-
-
 def load_sfnet(
     path: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> tuple[SFNet20, dict]:
     """An opensphere SFNet-20 backbone checkpoint (e.g. `backbone_100000.pth`) -> (module, variables).
 
     The variant comes from the keys: BatchNorm running statistics present -> "sfnet20", absent ->
-    "sfnet20_deprecated". A `module.` prefix on every key (nn.DataParallel) is stripped. Variables
+    "sfnet20_deprecated"; the stage widths from `layer{s}.0.conv1.weight` and the feature size from
+    `fc.weight`. A `module.` prefix on every key (nn.DataParallel) is stripped. Variables
     come back as numpy arrays: `{'params'}` or `{'params', 'batch_stats'}`.
     """
     state_dict = weights.read_state_dict(path)
@@ -154,12 +157,26 @@ def load_sfnet(
         state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
     if "fc.weight" not in state_dict:
         raise weights.WeightLoadError(f"{path} has no 'fc.weight' (nor 'module.fc.weight'): not an SFNet checkpoint")
+    state_dict = _renamed(state_dict)
     batch_norm = any(key.endswith(".running_mean") for key in state_dict)
-    module = SFNet20(batch_norm=batch_norm, dtype=dtype, param_dtype=param_dtype)
+    entry_keys = [f"layer{stage}.0.conv1.weight" for stage in range(1, len(STAGE_BLOCKS) + 1)]
+    missing = [key for key in entry_keys if key not in state_dict]
+    if missing:
+        raise weights.WeightLoadError(f"{path} has no {missing}: not an SFNet-20 checkpoint")
+    module = SFNet20(
+        batch_norm=batch_norm,
+        stage_channels=tuple(int(state_dict[key].shape[0]) for key in entry_keys),
+        feature_dim=int(state_dict["fc.weight"].shape[0]),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
     dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
     target = dict(jax.eval_shape(module.init, jax.random.key(0), dummy))
     variant = "sfnet20" if batch_norm else "sfnet20_deprecated"
-    variables = weights.convert_with_batch_stats(
-        state_dict, target, source=f"{path} (read as {variant})", rename_rules=_RENAME_RULES
-    )
+    variables = weights.convert_with_batch_stats(state_dict, target, source=f"{path} (read as {variant})")
     return module, variables
+
+
+def _renamed(state_dict: dict) -> dict:
+    """Older opensphere releases named the stage-entry conv `conv` instead of `conv1`."""
+    return {re.sub(r"^(layer\d+\.0)\.conv\.", r"\1.conv1.", key): value for key, value in state_dict.items()}
