@@ -5,13 +5,17 @@
 
 Layout under the folder (the names configs/tiny.py expects):
     sd/                         tiny_sd.build_tiny_sd (32x32 images, 16x16x4 latents)
-    classifier.pt               torchvision mobilenet_v3_large, head Linear(1280, 6), random, torch.save(state_dict)
-    sfnet.pth                   SFNet-20 "deprecated" (no BatchNorm) with random weights, keys `module.`-prefixed
-    face_feats.pkl              face bank: the original's 5-tuple (feats [64, 512], genders, gender logits, races, race logits)
+    classifier.pt               torchvision mobilenet_v3_large(width_mult=0.25): head Linear(320, 6) (the original's:
+                                width 1, Linear(1280, 6)), random, torch.save(state_dict)
+    sfnet.pth                   SFNet-20 "deprecated" (no BatchNorm), stages 8/16/32/64 wide, 64-d features (the original's:
+                                64..512, 512-d), random weights, keys `module.`-prefixed
+    face_feats.pkl              face bank: the original's 5-tuple (feats [64, 64], genders, gender logits, races, race logits)
     clip_vision/                transformers CLIPVisionModelWithProjection (width 32, 2 layers, 28 px, patch 7)
     dinov2/                     transformers Dinov2Model (width 32, 2 layers, patch 7)
 
-Random networks find no faces; `CentralFaceDetector` stands in for a detector so that every loss term runs.
+The classifier and SFNet keep the original's layouts at reduced widths (the loaders read the widths from the
+files) so that building, loading and running them stays fast. Random networks find no faces;
+`CentralFaceDetector` stands in for a detector so that every loss term runs.
 Same seed, same files.
 """
 
@@ -30,17 +34,19 @@ CLIP_VISION_CONFIG = dict(
 )
 DINOV2_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=7, image_size=7 * 37, mlp_ratio=4)
 FACE_BANK_SIZE = 64
-FEATURE_DIM = 512
+CLASSIFIER_WIDTH_MULT = 0.25
+SFNET_WIDTHS = (8, 16, 32, 64)  # the original's: 64, 128, 256, 512
+FEATURE_DIM = 64  # the original's: 512
 
 
 def build_classifier(path: Path, seed: int, num_classes: int = 6) -> Path:
-    """A random torchvision mobilenet_v3_large with a `num_classes` head, BatchNorm statistics randomised
-    too (so the converted running stats are exercised), saved as a state dict."""
+    """A random torchvision mobilenet_v3_large (width_mult CLASSIFIER_WIDTH_MULT) with a `num_classes` head,
+    BatchNorm statistics randomised too (so the converted running stats are exercised), saved as a state dict."""
     import torch
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.mobilenet_v3_large(num_classes=num_classes)
+    model = torchvision.models.mobilenet_v3_large(num_classes=num_classes, width_mult=CLASSIFIER_WIDTH_MULT)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -51,15 +57,15 @@ def build_classifier(path: Path, seed: int, num_classes: int = 6) -> Path:
 
 
 def build_sfnet(path: Path, seed: int) -> Path:
-    """A random SFNet-20 ("sfnet20_deprecated": convs with bias, no BatchNorm) checkpoint as nn.DataParallel
-    saves it (`module.layer{s}.{b}.conv{1,2}.weight|bias`, `module.fc.weight|bias`). He-normal convs, so
-    features do not vanish through the 20 layers."""
+    """A random SFNet-20 ("sfnet20_deprecated": convs with bias, no BatchNorm) with SFNET_WIDTHS stages and
+    FEATURE_DIM features, as nn.DataParallel saves it (`module.layer{s}.{b}.conv{1,2}.weight|bias`,
+    `module.fc.weight|bias`). He-normal convs, so features do not vanish through the 20 layers."""
     import torch
 
     rng = np.random.default_rng(seed)
     state = {}
     in_channels = 3
-    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (1, 2, 4, 1)), start=1):
+    for stage, (width, blocks) in enumerate(zip(SFNET_WIDTHS, (1, 2, 4, 1)), start=1):
         convs = [(f"layer{stage}.0.conv1", in_channels, width)]
         for block in range(1, blocks + 1):
             convs += [(f"layer{stage}.{block}.conv1", width, width), (f"layer{stage}.{block}.conv2", width, width)]
@@ -68,7 +74,7 @@ def build_sfnet(path: Path, seed: int) -> Path:
             state[f"module.{name}.weight"] = rng.normal(0.0, std, (c_out, c_in, 3, 3))
             state[f"module.{name}.bias"] = np.zeros(c_out)
         in_channels = width
-    state["module.fc.weight"] = rng.normal(0.0, np.sqrt(1.0 / (512 * 49)), (FEATURE_DIM, 512 * 49))
+    state["module.fc.weight"] = rng.normal(0.0, np.sqrt(1.0 / (in_channels * 49)), (FEATURE_DIM, in_channels * 49))
     state["module.fc.bias"] = np.zeros(FEATURE_DIM)
     torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, path)
     return path
