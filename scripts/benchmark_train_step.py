@@ -3,6 +3,7 @@ SD-1.5 shapes.
 
     python scripts/benchmark_train_step.py                  # tiny random models (configs/tiny.py), CPU
     python scripts/benchmark_train_step.py --assets /tmp/tiny_assets --steps 3
+    python scripts/benchmark_train_step.py --no-torch      # the JAX step alone
     python scripts/benchmark_train_step.py --config configs/debias_text_encoder.py --config.assets_dir=/data/assets
     python scripts/benchmark_train_step.py --sd15-shapes    # compile only: XLA memory analysis of the gradient
                                                             # stage at SD-1.5 shapes (no weights allocated)
@@ -10,9 +11,27 @@ SD-1.5 shapes.
 A step = sampling (X with the LoRA and X0 frozen, no gradient), faces (detection of both on the host,
 chips, classifier, CLIP / DINOv2 / SFNet features of X0), OT (host), gradient (adjusted-DFT regeneration,
 losses, backward, AdamW + EMA). The first step of each denoising-step count compiles; timings are of later
-steps with the same count. FLOPs: `compiled.cost_analysis()` of each jitted stage at that count; XLA counts
-the body of a while loop once, so the denoising-step scan and the micro-batch scan are counted for one
-iteration each: lower bounds, not totals.
+steps with the same count (train.max_denoising_steps). FLOPs: `compiled.cost_analysis()` of each jitted stage
+at that count; XLA counts the body of a while loop once, so the denoising-step scan, the sampling chunks and the
+micro-batch scan are counted for one iteration each: lower bounds. Each is also given times its loops' trip
+counts (as if all of the stage ran inside its innermost loop): an upper estimate. The true count lies between.
+
+In the same run (unless --no-torch), scripts/torch_train_step.py times a PyTorch step of the same math and
+work (the original's computation: diffusers UNet / VAE / DPMSolverMultistepScheduler, transformers CLIP text,
+CLIP vision and DINOv2, torchvision mobilenet_v3_large, the PyTorch SFNet-20, kornia; diffusers-0.19 LoRA layers;
+detached UNet inputs and c_i gradient hooks; torch AdamW + diffusers EMAModel) from the same asset files: the
+same images per step, generation chunks, micro-batches, denoising steps and detector. Its first step is a
+warm-up. Output, after the JAX lines:
+  - thread settings: XLA's CPU pool = the process's usable cores (os.sched_getaffinity); torch.set_num_threads
+    gets the same number; OMP_WAIT_POLICY is set to PASSIVE unless given (with spinning OpenMP workers the
+    PyTorch sampling ran 20-70x slower, erratically, on a 2-core machine shared with other jobs; XLA's idle
+    workers sleep too);
+  - per-step PyTorch timings and loss, then a table of median seconds per part, JAX and PyTorch side by side,
+    and the ratio PyTorch s / JAX s per part and per step. OT is the same host code in both steps
+    (alignment.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
+  - on an accelerator, the achieved fraction of peak of the JAX step, per part and per step: XLA-counted FLOPs
+    (the bracket above) / seconds / the device's dense peak FLOP/s (PEAK_FLOPS, by device_kind; bfloat16 and
+    float32); "n/a on CPU" otherwise.
 
 --sd15-shapes lowers the gradient stage with abstract arrays (jax.ShapeDtypeStruct) for SD v1-5 (UNet,
 VAE decoder, CLIP text), CLIP ViT-H/14, DINOv2 ViT-B/14, mobilenet_v3_large (6 classes) and SFNet-20 in
@@ -23,18 +42,21 @@ for the machine's first device: run it where the training runs. On a CPU (measur
 per compile) it reports 29.2 GiB (text-encoder LoRA) and 24.6 GiB (UNet LoRA) with 'chunked' attention;
 with 'xla' attention and no VAE remat it reported 84 GiB and 76 GiB, of which the UNet's backward at
 batch 8 with materialised 4096x4096 attention was ~77 GiB and the VAE decode's backward at batch 4 ~19 GiB.
-The CPU compiler upcasts bf16, so these are upper bounds, not the GPU numbers. A PyTorch step of the
-same math is not part of this script yet.
+The CPU compiler upcasts bf16, so these are upper bounds, not the GPU numbers.
 
     python scripts/benchmark_train_step.py --sd15-shapes --sd15-lora unet --attention_impl cudnn   # on a GPU
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Read by the OpenMP runtime when torch loads (see the docstring); before any import that may load torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +69,21 @@ from fairdiff_jax.models.attention import ATTENTION_IMPLS
 from fairdiff_jax.train import load_models
 
 GIB = 2**30
+PARTS = ("sampling", "faces", "ot", "gradient")
+
+# Dense peak FLOP/s (no sparsity) from the vendors' data sheets: (bfloat16 on the tensor / matrix units,
+# float32 without tensor cores, None where none is published). The first entry whose key is part of
+# jax.devices()[0].device_kind applies ('TPU v5 lite' is v5e's device_kind).
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 51.2e12),
+    ("H100", 989.4e12, 66.9e12),
+    ("H200 NVL", 835.5e12, 60.3e12),
+    ("H200", 989.4e12, 66.9e12),
+    ("A100", 312e12, 19.5e12),
+    ("TPU v4", 275e12, None),
+    ("TPU v5 lite", 197e12, None),
+    ("TPU v5e", 197e12, None),
+)
 
 
 def cost_flops(jitted, *args, **kwargs) -> float:
@@ -56,7 +93,24 @@ def cost_flops(jitted, *args, **kwargs) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
-def benchmark_tiny(config, steps: int) -> None:
+def peak_flops(device_kind: str) -> tuple[float | None, float | None] | None:
+    """(bfloat16, float32) dense peak FLOP/s of a device kind from PEAK_FLOPS, None if it is not listed."""
+    for key, bf16, fp32 in PEAK_FLOPS:
+        if key.lower() in device_kind.lower():
+            return bf16, fp32
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: the size of XLA's CPU thread pool, and the PyTorch thread count."""
+    return len(os.sched_getaffinity(0))
+
+
+def median_parts(rows: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
+
+
+def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     mesh = parallel.make_mesh()
     sd, judges, judge_variables = load_models(config)
     settings = debias_step.settings_from_config(config)
@@ -68,8 +122,9 @@ def benchmark_tiny(config, steps: int) -> None:
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, 0), mesh)
     num_steps = config.train.max_denoising_steps
     prompt = "a photo of the face of a doctor"
-    print(f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}; {settings.images_per_prompt} images per step, "
-          f"{num_steps} denoising steps, micro-batch {settings.micro_batch_size}")
+    device_kind = jax.devices()[0].device_kind
+    print(f"devices: {mesh.devices.size} x {device_kind}; {settings.images_per_prompt} images per step, "
+          f"{num_steps} denoising steps, generation chunks of {settings.generation_batch_size}, micro-batch {settings.micro_batch_size}")
 
     rows = []
     for step in range(steps + 1):
@@ -85,18 +140,90 @@ def benchmark_tiny(config, steps: int) -> None:
         print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()))
         if step > 0:
             rows.append(timings)
+    jax_seconds = median_parts(rows)
     if rows:
-        print("median over steps 1..: " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.3f} s" for k in rows[0]))
+        print("median over steps 1..: " + ", ".join(f"{k} {v:.3f} s" for k, v in jax_seconds.items()))
 
+    local = settings.images_per_prompt // mesh.devices.size
+    chunk = debias_step._largest_divisor_at_most(local, settings.generation_batch_size)
+    micro = min(settings.micro_batch_size, local)
     schedule = parallel.replicate(sampler.make_schedule(sd.scheduler_config, num_steps), mesh)
-    flops = {
-        "sampling (X and X0)": 2 * cost_flops(stages._generate, state.params, frozen, prepared.text, schedule,
-                                              prepared.inputs["noise"], chunk=debias_step._largest_divisor_at_most(
-                                                  settings.images_per_prompt // mesh.devices.size, settings.generation_batch_size)),
-        "gradient": cost_flops(stages.train_step, state, shared, prepared.inputs, jax.random.key(0)),
+    inputs = prepared.inputs
+    # Per part: (XLA's count, loop bodies once; times the trip counts of the loops counted once), per device.
+    counted = {
+        "sampling": (2 * cost_flops(stages._generate, state.params, frozen, prepared.text, schedule, inputs["noise"], chunk=chunk),
+                     (local // chunk) * num_steps),
+        "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, inputs["boxes"],
+                             inputs["found"], inputs["original_boxes"], inputs["original_found"], inputs["chip_from_image"]), 1),
+        "gradient": (cost_flops(stages.train_step, state, shared, inputs, jax.random.key(0)), -(-local // micro) * num_steps),
     }
-    for name, value in flops.items():
-        print(f"XLA cost-analysis FLOPs (loop bodies counted once), {name}: {value:.3e}")
+    flops = {part: (value, value * trips) for part, (value, trips) in counted.items()}
+    flops["step"] = tuple(sum(bounds) for bounds in zip(*flops.values()))
+    for part, (lower, upper) in flops.items():
+        print(f"XLA cost-analysis FLOPs per device, {part}: {lower:.3e} (loop bodies counted once) .. {upper:.3e} (x loop trips)")
+
+    if run_torch:
+        torch_seconds = benchmark_torch(config, steps, num_steps, prompt)
+        if torch_seconds:
+            print_comparison(jax_seconds, torch_seconds)
+    if jax_seconds:
+        print_fraction_of_peak(flops, jax_seconds, device_kind, config.model.dtype)
+
+
+def benchmark_torch(config, steps: int, num_steps: int, prompt: str) -> dict:
+    """Times scripts/torch_train_step.py's step like the JAX one (step 0 a warm-up); -> median seconds per part."""
+    import torch
+    from torch_train_step import TorchTrainStep
+
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    print(f"threads: JAX (XLA CPU pool) {threads} = usable cores (os.sched_getaffinity), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"PyTorch torch.set_num_threads({threads}): intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    step_runner = TorchTrainStep(config)
+    print(f"PyTorch {torch.__version__} on {step_runner.device}, frozen networks in {step_runner.dtype}")
+    rows = []
+    for step in range(steps + 1):
+        timings = {}
+        started = time.perf_counter()
+        logs = step_runner.run(prompt, num_steps, step, timings)
+        timings["total"] = time.perf_counter() - started
+        shown = ", ".join(f"{k} {v:.3f} s" for k, v in timings.items() if k != "ot")
+        print(f"PyTorch step {step}{' (warm-up)' if step == 0 else ''}: {shown}; loss {logs['loss']:.4f}"
+              + ("" if logs["finite"] else " (non-finite gradient: update skipped)"))
+        if step > 0:
+            rows.append(timings)
+    return median_parts(rows)
+
+
+def print_comparison(jax_seconds: dict, torch_seconds: dict) -> None:
+    print("median seconds per step (steps 1..), PyTorch / JAX:")
+    print(f"  {'part':<9} {'JAX s':>9} {'PyTorch s':>10} {'ratio':>7}")
+    for part in PARTS + ("total",):
+        if part == "ot":
+            print(f"  {part:<9} {jax_seconds[part]:9.3f} {'(same host code: timed once, in the JAX step)':>10}")
+            continue
+        ratio = torch_seconds[part] / jax_seconds[part]
+        print(f"  {part:<9} {jax_seconds[part]:9.3f} {torch_seconds[part]:10.3f} {ratio:7.2f}")
+
+
+def print_fraction_of_peak(flops: dict, seconds: dict, device_kind: str, dtype: str) -> None:
+    if jax.devices()[0].platform == "cpu":
+        print("achieved fraction of peak FLOP/s: n/a on CPU")
+        return
+    peaks = peak_flops(device_kind)
+    if peaks is None:
+        print(f"achieved fraction of peak FLOP/s: no peak listed for {device_kind!r} (PEAK_FLOPS)")
+        return
+    bf16, fp32 = peaks
+    print(f"achieved fraction of peak FLOP/s of the JAX step per {device_kind} (frozen networks in {dtype}; XLA's FLOPs of the "
+          f"per-device programs, the bracket above; dense peaks: bf16 {bf16:.4g}" + (f", fp32 {fp32:.4g}" if fp32 else "") + " FLOP/s):")
+    times = dict(seconds, step=seconds["total"])
+    for part, bounds in flops.items():
+        per_second = list(dict.fromkeys(f / times[part] for f in bounds))  # one value where the bracket is closed
+        span = lambda peak: " .. ".join(f"{f / peak:.2%}" for f in per_second)  # noqa: E731
+        line = f"  {part:<9} {' .. '.join(f'{f:.3g}' for f in per_second)} FLOP/s = {span(bf16)} of the bf16 peak"
+        print(line + (f", {span(fp32)} of the fp32 peak" if fp32 else ""))
 
 
 # ---- SD-1.5 shapes, compile only -------------------------------------------------------------------------
@@ -128,7 +255,7 @@ def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
         clip.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                               image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"), dtype, dtype, remat=True)
     dino = dinov2.Dinov2Model(dinov2.Dinov2Config(), 224, dtype, dtype, remat=True)
-    classifier = mobilenet_v3.MobileNetV3Large(6, dtype, dtype)
+    classifier = mobilenet_v3.MobileNetV3Large(6, dtype=dtype, param_dtype=dtype)
     face_net = sfnet.SFNet20(False, dtype, dtype)
     judges = judges_lib.Judges(classifier, face_net, clip_vision, dino, (("gender", 2), ("race", 4)), ("gender", "race"))
     aligned = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
@@ -200,6 +327,7 @@ def main(argv=None):
                         help="with --sd15-shapes: which LoRA configuration(s) to compile (each takes minutes)")
     parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="chunked",
                         help="with --sd15-shapes: the UNet's and VAE's attention kernel ('cudnn' on a GPU)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (scripts/torch_train_step.py)")
     args, config_args = parser.parse_known_args(argv[1:])
     if args.sd15_shapes:
         if args.sd15_lora in ("text_encoder", "both"):
@@ -218,7 +346,7 @@ def main(argv=None):
             config_args.append(f"--config.assets_dir={args.assets}")
         config, _ = config_cli.parse_config_args([argv[0]] + config_args)
         judges_lib.check_asset_files(config)
-        benchmark_tiny(config, args.steps)
+        benchmark_tiny(config, args.steps, not args.no_torch)
 
 
 if __name__ == "__main__":
