@@ -1,6 +1,6 @@
 """A training checkpoint -> LoRA files in the original's layout and in diffusers' PEFT safetensors.
 
-    python -m fairdiff_jax.export --workdir workdirs/debias_text_encoder --step 12600 [--out DIR]
+    python -m fairdiff_jax.export --workdir workdirs/debias_text_encoder [--step 12600] [--out DIR]
 
 writes DIR (default: <workdir>/checkpoint-<step>_exported/) with, for each trained part (text encoder
 and/or UNet):
@@ -73,11 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fairdiff_jax.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="the training run's folder")
-    parser.add_argument("--step", type=int, required=True, help="checkpoint step to export")
+    parser.add_argument("--step", type=int, help="checkpoint step to export (default: the newest)")
     parser.add_argument("--out", type=Path, help="output folder (default: <workdir>/checkpoint-<step>_exported)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.workdir, args.step, args.out)
+        step = args.step
+        if step is None:
+            steps = available_steps(args.workdir / "checkpoints")
+            if not steps:
+                raise ExportError(f"no finished checkpoint in {args.workdir / 'checkpoints'}")
+            step = steps[-1]
+        out = export(args.workdir, step, args.out)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,3 +80,14 @@ def test_missing_step_names_the_available_ones(tmp_path, tiny_sd):
     assert "no checkpoint for step 3" in result.stderr and "available steps: 2, 4" in result.stderr
     with pytest.raises(export.ExportError, match="available steps: none"):
         export.export(tmp_path / "elsewhere", 1)
+
+
+def test_without_step_the_newest_checkpoint_is_exported(tmp_path, tiny_sd, capsys):
+    save_run(tmp_path, tiny_sd, True, False, steps=(2, 4))
+    assert export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    step_4 = export.read_state(tmp_path, 4)["ema_params"]["text_encoder"]
+    loaded = lora.load_original(tmp_path / "out" / "text_encoder_lora_EMA.pth", tiny_sd.text_encoder_params, "text_encoder")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, step_4)
+    assert export.main(["--workdir", str(tmp_path / "empty")]) == 2
+    assert "no finished checkpoint" in capsys.readouterr().err
