@@ -7,14 +7,21 @@ Writes under --out:
     sd/                       diffusers Stable Diffusion folder (model_index.json, unet/, vae/,
                               text_encoder/, tokenizer/, scheduler/): AutoencoderKL 32x32 <-> 8x8x4,
                               CLIPTextModel and UNet2DConditionModel trained jointly on world images
-    classifier.pt             torchvision mobilenet_v3_large, head Linear(1280, 6): gender 2 + race 4
-    test_classifiers/{gender,race,age}.pt   mobilenet_v3_large, heads 2, 4, 2 (evaluation)
+    classifier.pt             torchvision mobilenet_v3_large(width_mult=0.25), head Linear(320, 6):
+                              gender 2 + race 4
+    test_classifiers/{gender,race,age}.pt   the same network family, heads 2, 4, 2 (evaluation)
     face_detector.safetensors fairdiff_jax.miniature.detector.DetectorNet params
-    sfnet.pth                 opensphere-layout SFNet-20 ("deprecated" variant), narrow, random, frozen
+    sfnet.pth                 opensphere-layout SFNet-20 ("deprecated" variant), narrow (8x), 128-d
+                              features, random, frozen
     face_feats.pkl            face bank: the original's 5-tuple over world faces
-    clip_vision/, dinov2/     transformers CLIPVisionModelWithProjection / Dinov2Model, tiny, random
+    clip_vision/, dinov2/     transformers CLIPVisionModelWithProjection / Dinov2Model, tiny, trained to
+                              embed the image's coarse content (train_similarity_tower)
     prompts/                  the world's four prompt files (SPEC 4 schema)
     manifest.json             what was built, sizes, timings, accuracies, and each prompt's true bias
+
+Every trained or random weight is rounded to float16 as soon as it is final and stored as float16
+(half the bytes, so the folder is small enough to commit); everything downstream in the build, the
+accuracies in the manifest included, uses the rounded weights, i.e. exactly what the loaders read.
 
 Deterministic for a given seed and thread count (PyTorch CPU kernels can round differently with
 another thread count). Prints each stage's time.
@@ -87,6 +94,24 @@ class Log:
         wall, cpu = time.time() - began[0], time.process_time() - began[1]
         self.stages[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
         self(f"{name} done in {wall:.1f}s (CPU {cpu:.1f}s)")
+
+
+STORED_DTYPE = torch.float16
+
+
+def round_to_stored(module: torch.nn.Module) -> torch.nn.Module:
+    """Rounds every floating parameter and buffer to STORED_DTYPE in place (kept as float32), so the
+    in-memory model equals the one its file will hold."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(STORED_DTYPE).float())
+    return module
+
+
+def stored_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with floating tensors in STORED_DTYPE (lossless after `round_to_stored`)."""
+    return {k: v.to(STORED_DTYPE) if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
 
 def now() -> tuple[float, float]:
@@ -210,7 +235,7 @@ def train_vae(renders: world.Renders, steps: int, seed: int, log: Log, batch_siz
         schedule.step()
         if step % max(steps // 10, 1) == 0 or step == steps - 1:
             log(f"vae step {step}/{steps}: mse {error.square().mean().item():.4f} kl {kl.item():.3f}")
-    return vae.eval()
+    return round_to_stored(vae.eval())
 
 
 def first(renders: world.Renders, n: int) -> world.Renders:
@@ -324,7 +349,7 @@ def train_generator(
                     q.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if step % max(steps // 10, 1) == 0 or step == steps - 1:
             log(f"generator step {step}/{steps}: loss {loss.item():.4f} ({(time.time() - start) / (step + 1):.3f}s/step)")
-    return ema
+    return [round_to_stored(model) for model in ema]
 
 
 def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, vocab, merges) -> Path:
@@ -336,7 +361,8 @@ def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, voca
         scheduler=DPMSolverMultistepScheduler(**tiny_sd.SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder)
+    pipeline.to(STORED_DTYPE).save_pretrained(folder)
+    pipeline.to(torch.float32)
     save_tokenizer_files(folder / "tokenizer", vocab, merges)
     return folder
 
@@ -380,14 +406,14 @@ def _augment_chips(chips: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 def train_mobilenet(chips: np.ndarray, labels: dict[str, np.ndarray], heads: Sequence[tuple[str, int]], steps: int,
                     seed: int, log: Log, batch_size: int = 64, learning_rate: float = 2e-3):
-    """torchvision mobilenet_v3_large from scratch with one linear head of sum(classes) logits (in
+    """torchvision mobilenet_v3_large (width CLASSIFIER_WIDTH) from scratch with one linear head of sum(classes) logits (in
     `heads` order), cross-entropy per attribute, AdamW with warm-up and cosine decay; BatchNorm
     statistics recomputed over the training chips at the end (exact averages: with the
     torchvision momentum of 0.01 a short run would keep stale ones). Returns the model (eval)."""
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.mobilenet_v3_large(num_classes=sum(k for _, k in heads))
+    model = torchvision.models.mobilenet_v3_large(num_classes=sum(k for _, k in heads), width_mult=CLASSIFIER_WIDTH)
     images = to_torch(chips)
     targets = {name: torch.from_numpy(labels[name].astype(np.int64)) for name, _ in heads}
     optimizer = torch.optim.AdamW(model.parameters(), learning_rate, weight_decay=1e-4)
@@ -415,12 +441,12 @@ def train_mobilenet(chips: np.ndarray, labels: dict[str, np.ndarray], heads: Seq
                 module.momentum = None  # cumulative average
         for start in range(0, min(len(images), 4096), 256):
             model(images[start:start + 256])
-    return model.eval()
+    return round_to_stored(model.eval())
 
 
 def head_only(model, rows: slice) -> dict[str, torch.Tensor]:
     """The state dict of `model` with its last layer cut to the logits `rows` (one attribute)."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = stored_state_dict(model)
     state["classifier.3.weight"] = state["classifier.3.weight"][rows].clone()
     state["classifier.3.bias"] = state["classifier.3.bias"][rows].clone()
     return state
@@ -441,7 +467,7 @@ def classifier_accuracy(model, chips: np.ndarray, labels: dict[str, np.ndarray],
 
 SFNET_WIDTHS = (8, 16, 32, 64)  # SFNet-20 is (64, 128, 256, 512); the miniature's is 8x narrower
 SFNET_BLOCKS = (1, 2, 4, 1)
-SFNET_FEATURE_DIM = 512
+SFNET_FEATURE_DIM = 128  # SFNet-20's is 512; fc is most of the file
 ALIGNED_SIZE = 112
 
 
@@ -488,12 +514,12 @@ def random_sfnet(seed: int, widths: Sequence[int] = SFNET_WIDTHS) -> TorchSFNet:
                 module.bias.zero_()
         net.fc.weight.normal_(0.0, np.sqrt(1.0 / net.fc.in_features))
         net.fc.bias.zero_()
-    return net.eval()
+    return round_to_stored(net.eval())
 
 
 def save_sfnet(net: TorchSFNet, path: Path) -> Path:
     """torch.save of the state dict as nn.DataParallel saves it (keys `module.*`), as the original's checkpoint."""
-    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
+    torch.save({f"module.{k}": v for k, v in stored_state_dict(net).items()}, path)
     return path
 
 
@@ -514,7 +540,7 @@ def aligned_world_faces(renders: world.Renders, batch_size: int = 1000) -> np.nd
 
 @torch.no_grad()
 def sfnet_features(net: TorchSFNet, aligned: np.ndarray) -> torch.Tensor:
-    """normalize(f(x) + f(flip_lr(x))), the face-realism feature (SPEC 5 step 7), [N, 512]."""
+    """normalize(f(x) + f(flip_lr(x))), the face-realism feature (SPEC 5 step 7), [N, SFNET_FEATURE_DIM]."""
     feats = []
     for start in range(0, len(aligned), 250):
         x = to_torch(aligned[start:start + 250])
@@ -534,23 +560,23 @@ def balanced_face_renders(per_class: int, seed: int) -> world.Renders:
 
 def save_face_bank(path: Path, feats: torch.Tensor, renders: world.Renders, classifier, size_face: int,
                    expand_coef: float, seed: int) -> Path:
-    """The original's face_feats.pkl: (feats [M, 512], genders [M], gender_logits [M, 2], races [M],
-    race_logits [M, 4]) as torch tensors; labels are the renders' truth, logits the training
-    classifier's on their chips."""
+    """The original's face_feats.pkl: (feats [M, D], genders [M], gender_logits [M, 2], races [M],
+    race_logits [M, 4]) as torch tensors (floats in STORED_DTYPE); labels are the renders' truth,
+    logits the training classifier's on their chips."""
     import pickle
 
     chips = world_face_chips(renders, size_face, expand_coef, seed)
     with torch.no_grad():
         logits = torch.cat([classifier(to_torch(chips[s:s + 500])) for s in range(0, len(chips), 500)])
-    content = (feats.float(), torch.from_numpy(renders.gender), logits[:, :2].clone(), torch.from_numpy(renders.race),
-               logits[:, 2:6].clone())
+    content = (feats.to(STORED_DTYPE), torch.from_numpy(renders.gender), logits[:, :2].to(STORED_DTYPE),
+               torch.from_numpy(renders.race), logits[:, 2:6].to(STORED_DTYPE))
     with open(path, "wb") as f:
         pickle.dump(content, f)
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# Image-similarity towers (frozen, random)
+# Image-similarity towers (frozen)
 
 
 CLIP_VISION_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -559,16 +585,82 @@ DINOV2_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      image_size=world.IMAGE_SIZE, mlp_ratio=2)
 
 
-def save_similarity_towers(out: Path, seed: int) -> None:
-    """clip_vision/ (CLIPVisionModelWithProjection) and dinov2/ (Dinov2Model), transformers
-    save_pretrained folders, random weights: frozen random ViT features still tell similar
-    images from different ones, which is all the image-semantics loss asks of them here."""
+THUMBNAIL_POOL = 4  # 32x32 images -> 8x8x3 thumbnails, the content the towers embed
+
+
+def thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, S, S] in [-1, 1] -> [N, 3 * (S / THUMBNAIL_POOL)^2] average-pooled thumbnails."""
+    return torch.nn.functional.avg_pool2d(images, THUMBNAIL_POOL).flatten(1)
+
+
+def train_similarity_tower(model, embed, mean: Sequence[float], std: Sequence[float], images: np.ndarray, steps: int,
+                           seed: int, log: Log, name: str, batch_size: int = 128, learning_rate: float = 2e-3):
+    """Trains a ViT so that the direction of its embedding follows the image's content: embed(x) is pulled
+    (cosine loss) towards P (t(x) - mean t), t the 8x8 thumbnail and P a fixed random matrix with
+    orthonormal rows. Cosine similarity of two embeddings then approximates the correlation of the two
+    centred thumbnails (a random projection keeps angles): near 1 for the same picture slightly changed,
+    lower for another person or scene. This stands in for CLIP's and DINOv2's image similarity in a
+    world that has neither; the networks, inputs (mean/std normalised) and outputs are the real ones'."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = to_torch(images)
+    targets = thumbnails(pixels)
+    targets = targets - targets.mean(0)
+    projection, _ = torch.linalg.qr(torch.randn(targets.shape[1], embed(model, pixels[:1]).shape[1], generator=generator))
+    targets = targets @ projection
+    normalise = lambda x: ((x + 1) / 2 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
+    optimizer = torch.optim.AdamW(model.parameters(), learning_rate, weight_decay=1e-4)
+    schedule = warmup_cosine(optimizer, steps, 0.05, 0.0)
+    model.train()
+    for step in range(steps):
+        index = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        loss = 1 - torch.nn.functional.cosine_similarity(embed(model, normalise(pixels[index])), targets[index]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % max(steps // 5, 1) == 0 or step == steps - 1:
+            log(f"{name} tower step {step}/{steps}: 1 - cos {loss.item():.3f}")
+    return round_to_stored(model.eval())
+
+
+@torch.no_grad()
+def similarity_calibration(model, embed, mean: Sequence[float], std: Sequence[float], images: np.ndarray,
+                           decoded_images: np.ndarray) -> dict[str, float]:
+    """Mean cosine similarity of held-out images to their own VAE reconstruction (the same picture, slightly
+    changed) and to another held-out image (a different person and scene): the scale CLIP-I is read on."""
+    normalise = lambda x: ((x + 1) / 2 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
+    a = torch.nn.functional.normalize(embed(model, normalise(to_torch(images))), dim=1)
+    b = torch.nn.functional.normalize(embed(model, normalise(to_torch(decoded_images))), dim=1)
+    return {"own_reconstruction": round(float((a * b).sum(1).mean()), 4),
+            "another_image": round(float((a * a.roll(1, 0)).sum(1).mean()), 4)}
+
+
+def save_similarity_towers(out: Path, images: np.ndarray, steps: int, seed: int, log: Log, held_out: np.ndarray,
+                           held_out_decoded: np.ndarray) -> dict[str, dict[str, float]]:
+    """clip_vision/ (CLIPVisionModelWithProjection, image_embeds) and dinov2/ (Dinov2Model, the CLS of the
+    final LayerNorm), tiny, trained by `train_similarity_tower` on `images`, transformers save_pretrained
+    folders in STORED_DTYPE; returns each tower's `similarity_calibration` on the held-out images."""
     import transformers
 
+    from fairdiff_jax.models.clip import CLIP_MEAN, CLIP_STD
+    from fairdiff_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+
     torch.manual_seed(seed)
-    transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP_VISION_CONFIG)).save_pretrained(out / "clip_vision")
+    clip_tower = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP_VISION_CONFIG))
+    clip_embed = lambda m, x: m(pixel_values=x).image_embeds  # noqa: E731
+    clip_tower = train_similarity_tower(clip_tower, clip_embed, CLIP_MEAN, CLIP_STD, images, steps, seed, log, "CLIP vision")
+    calibration = {"clip_vision": similarity_calibration(clip_tower, clip_embed, CLIP_MEAN, CLIP_STD, held_out, held_out_decoded)}
+    clip_tower.to(STORED_DTYPE).save_pretrained(out / "clip_vision")
     torch.manual_seed(seed + 1)
-    transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_CONFIG)).save_pretrained(out / "dinov2")
+    dino_tower = transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_CONFIG))
+    dino_embed = lambda m, x: m(pixel_values=x).pooler_output  # noqa: E731
+    dino_tower = train_similarity_tower(dino_tower, dino_embed, IMAGENET_MEAN, IMAGENET_STD, images, steps, seed + 1,
+                                        log, "DINOv2")
+    calibration["dinov2"] = similarity_calibration(dino_tower, dino_embed, IMAGENET_MEAN, IMAGENET_STD, held_out,
+                                                   held_out_decoded)
+    dino_tower.to(STORED_DTYPE).save_pretrained(out / "dinov2")
+    return calibration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,6 +731,7 @@ def check_generator(sd_folder: Path, prompts: Sequence[str], num_images: int, de
 GENDER_RACE_HEADS = (("gender", 2), ("race", 4))
 TEST_HEADS = (("gender", 2), ("race", 4), ("age", 2))
 SIZE_FACE = 64  # config.faces.size_face: the classifiers' chip size
+CLASSIFIER_WIDTH = 0.25  # torchvision width_mult: a 64x64 chip of this world needs no more (1.2 MB per file)
 EXPAND_COEF = 0.5  # config.faces.expand_coef: the detector's boxes are tight face boxes, as insightface's
 
 
@@ -648,7 +741,7 @@ def file_sizes(out: Path) -> dict[str, int]:
 
 def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps: int, detector_steps: int,
           classifier_steps: int, classifier_images: int, bank_per_class: int, check_images: int,
-          sfnet_widths: Sequence[int] = SFNET_WIDTHS) -> dict:
+          similarity_steps: int, sfnet_widths: Sequence[int] = SFNET_WIDTHS) -> dict:
     from fairdiff_jax.miniature import detector as detector_lib
 
     log = Log()
@@ -716,7 +809,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
 
     chips, labels = classifier_data(seed + 4)
     classifier = train_mobilenet(chips, labels, GENDER_RACE_HEADS, classifier_steps, seed + 5, log)
-    torch.save(classifier.state_dict(), out / "classifier.pt")
+    torch.save(stored_state_dict(classifier), out / "classifier.pt")
     manifest["classifier_accuracy"] = {name: classifier_accuracy(classifier, c, held_out_labels, GENDER_RACE_HEADS)
                                        for name, c in held_out_chips.items()}
     log(f"attribute classifier on held-out chips: {manifest['classifier_accuracy']}")
@@ -743,7 +836,10 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     bank_renders = balanced_face_renders(bank_per_class, seed + 9)
     feats = sfnet_features(sfnet, aligned_world_faces(bank_renders))
     save_face_bank(out / "face_feats.pkl", feats, bank_renders, classifier, SIZE_FACE, EXPAND_COEF, seed + 9)
-    save_similarity_towers(out, seed + 10)
+    tower_images = world.concatenate([first(renders, 6000), decoded(vae, first(renders, 2000))]).images
+    manifest["similarity_towers"] = save_similarity_towers(out, tower_images, similarity_steps, seed + 10, log,
+                                                           held_out.images, held_out_decoded.images)
+    log(f"similarity towers (mean cosine on held-out images): {manifest['similarity_towers']}")
     log.stage("face features, bank, similarity towers", began)
 
     if check_images:
@@ -792,6 +888,7 @@ def main(argv=None):
     parser.add_argument("--classifier_steps", type=int, default=400)
     parser.add_argument("--classifier_images", type=int, default=10000)
     parser.add_argument("--bank_per_class", type=int, default=250, help="face-bank faces per gender x race class")
+    parser.add_argument("--similarity_steps", type=int, default=400, help="training steps of each similarity tower")
     parser.add_argument("--check_images", type=int, default=32, help="generated images per checked prompt (0: no check)")
     parser.add_argument("--sfnet_widths", type=lambda s: tuple(int(w) for w in s.split(",")), default=SFNET_WIDTHS,
                         help="SFNet-20 stage widths; 64,128,256,512 is the original's (13M parameters, ~64x the compute)")
@@ -799,7 +896,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     build(args.out, args.seed, args.num_images, args.vae_steps, args.generator_steps, args.detector_steps,
-          args.classifier_steps, args.classifier_images, args.bank_per_class, args.check_images, args.sfnet_widths)
+          args.classifier_steps, args.classifier_images, args.bank_per_class, args.check_images,
+          args.similarity_steps, args.sfnet_widths)
 
 
 if __name__ == "__main__":
