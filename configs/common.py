@@ -12,7 +12,8 @@ Groups:
   data    prompt files and how the kinds are mixed
   ckpt    checkpoint cadence and retention
   eval    in-training evaluation (current and EMA weights)
-  generate  defaults for `python -m fairdiff_jax.generate`
+  test_classifiers  the evaluation's gender / race / age classifiers
+  generate  defaults for generating evaluation images (`python -m fairdiff_jax.before_after`)
 
 Asset paths are under `assets_dir` (default ./assets, laid out like the original release's data/
 folder), so one override moves them all: `--config.assets_dir=/mnt/assets`. `workdir` follows `name`.
@@ -132,6 +133,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 8  # per device
     config.eval.num_denoising_steps = 25
     config.eval.prompts_per_kind = 5  # validation prompts: the first N of each kind's
+
+    # The evaluation's three test classifiers (SPEC 1, torchvision mobilenet_v3_large state dicts; heads 2, 4, 2),
+    # read by `python -m fairdiff_jax.before_after`; training never loads them.
+    config.test_classifiers = ml_collections.ConfigDict()
+    config.test_classifiers.gender = assets + "/test-classifiers/gender.pt"
+    config.test_classifiers.race = assets + "/test-classifiers/race.pt"
+    config.test_classifiers.age = assets + "/test-classifiers/age.pt"
 
     config.generate = ml_collections.ConfigDict()
     config.generate.num_denoising_steps = 30

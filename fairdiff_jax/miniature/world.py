@@ -250,7 +250,7 @@ def attribute_prompt(subject: str, gender: Optional[int], race: Optional[int], a
 
 
 def prompt_sets() -> dict[str, dict[str, list[str]]]:
-    """The four prompt files of SPEC 4 for this world, {kind: {key: prompts}} (see miniature/prompts/)."""
+    """The four prompt files of SPEC 4 for this world, {kind: {key: prompts}} (build_miniature writes them to assets/miniature/prompts/)."""
     style_rng = np.random.default_rng(WORLD_SEED + 1)
     combos = [(style, context) for style in STYLES for context in CONTEXTS if (style, context) != ("photo", "")]
 

@@ -1,0 +1,64 @@
+"""`python -m fairdiff_jax.before_after`: the gap-reduction arithmetic by hand, and the whole command on the
+miniature world's assets (committed under assets/miniature), where a LoRA that changes nothing must give the
+same table before and after and a similarity of 1 to the original images."""
+
+import csv
+import math
+from pathlib import Path
+
+import jax
+import pytest
+
+from fairdiff_jax import before_after, debias_step, evaluate, lora
+from fairdiff_jax.stable_diffusion import load_stable_diffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIATURE = ROOT / "assets" / "miniature"
+
+
+def test_gap_reduction_is_one_minus_after_over_before():
+    stat = lambda mean: evaluate.MeanStd(mean, 0.1, 3)  # noqa: E731
+    before = {"gender_bias": stat(0.8), "race_bias": stat(0.4), "gender_race_bias": stat(0.0), "clip_i": stat(1.0)}
+    after = {"gender_bias": stat(0.2), "race_bias": stat(0.5), "gender_race_bias": stat(0.0), "clip_i": stat(0.9)}
+    reduction = before_after.gap_reduction(before, after)
+    # gender: 1 - 0.2 / 0.8; race grew by a quarter; a gap that was 0 has no reduction; CLIP-I is no gap.
+    assert reduction == pytest.approx({"gender_bias": 0.75, "race_bias": -0.25})
+    table = before_after.reduction_markdown({"all": reduction})
+    assert "| prompts | gender bias | race bias |\n" in table and "| all | 75% | -25% |\n" in table
+
+
+def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys):
+    sd = load_stable_diffusion(MINIATURE / "sd")
+    zero = debias_step.init_lora(jax.random.key(0), sd, 2, True, False)["text_encoder"]  # up = 0: no change
+    lora.save_original(zero, tmp_path / "text_encoder_lora.pth", "text_encoder")
+    out = tmp_path / "out"
+    reductions = before_after.main([
+        "--config", str(ROOT / "configs" / "miniature.py"), "--out", str(out),
+        "--text_encoder_lora", str(tmp_path / "text_encoder_lora.pth"),
+        "--images_per_prompt", "4", "--prompts_per_kind", "1", "--kinds", "occupation", "sports",
+        "--config.generate.num_denoising_steps=4", "--config.generate.batch_size=4",
+        f"--config.assets_dir={MINIATURE}",
+    ])
+    for model in before_after.MODELS:
+        for kind in ("occupation", "sports"):
+            assert len(list((out / model / kind / "prompt_0").glob("img_*.jpg"))) == 4
+            assert (out / "eval" / model / kind / "test_results.pkl").is_file()
+    # The same images on both sides: every gap the original has is still there, all of it.
+    assert reductions and all(value == 0.0 for value in reductions.values())
+    with open(out / "eval" / "debiased" / "occupation" / "per_prompt.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert math.isclose(float(row["clip_i"]), 1.0, abs_tol=1e-5) and math.isclose(float(row["dino"]), 1.0, abs_tol=1e-5)
+    report = (out / "comparison.md").read_text()
+    assert report in capsys.readouterr().out
+    assert "| all held-out prompts | 0% | 0% | 0% |" in report
+
+
+def test_missing_lora_and_bad_values_are_refused_before_loading(tmp_path, capsys):
+    config = str(ROOT / "configs" / "miniature.py")
+    with pytest.raises(SystemExit):
+        before_after.main(["--config", config, "--out", str(tmp_path)])
+    assert "--text_encoder_lora and/or --unet_lora" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        before_after.main(["--config", config, "--out", str(tmp_path), "--text_encoder_lora", str(tmp_path / "none.pth"),
+                           "--config.no_such_key=1"])
+    assert "no_such_key" in capsys.readouterr().err
