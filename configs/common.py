@@ -154,3 +154,16 @@ def occupation_prompts_only(config: ml_collections.ConfigDict) -> None:
     (occupations plus three kinds never trained on: a view of how far the debiasing carries)."""
     config.data.prompt_repeats = ml_collections.ConfigDict({kind: 0 for kind in MULTI_CONCEPT_PROMPTS})
     config.data.prompt_repeats.occupation = 1
+
+
+def flat_asset_layout(config: ml_collections.ConfigDict) -> None:
+    """Points every model file at the flat layout that `fairdiff_jax.tiny_assets` and
+    `scripts/build_miniature.py` write under `assets_dir`: sd/, classifier.pt, face_feats.pkl, sfnet.pth,
+    clip_vision/, dinov2/ (the original release nests them in numbered folders instead)."""
+    assets = config.get_ref("assets_dir")
+    config.model.sd_path = assets + "/sd"
+    config.model.classifier_path = assets + "/classifier.pt"
+    config.model.face_bank_path = assets + "/face_feats.pkl"
+    config.model.sfnet_path = assets + "/sfnet.pth"
+    config.model.clip_vision_path = assets + "/clip_vision"
+    config.model.dinov2_path = assets + "/dinov2"

@@ -23,13 +23,8 @@ def get_config():
     config.name = "miniature"
     config.seed = 0
     config.assets_dir = "assets/miniature"
+    common.flat_asset_layout(config)
     assets = config.get_ref("assets_dir")
-    config.model.sd_path = assets + "/sd"
-    config.model.classifier_path = assets + "/classifier.pt"
-    config.model.face_bank_path = assets + "/face_feats.pkl"
-    config.model.sfnet_path = assets + "/sfnet.pth"
-    config.model.clip_vision_path = assets + "/clip_vision"
-    config.model.dinov2_path = assets + "/dinov2"
     config.model.dtype = "float32"
 
     # The text tower is 64 wide: rank 8 is already an eighth of it (SD's 50 is ~7% of 768). Both parts train:

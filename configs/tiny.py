@@ -20,13 +20,7 @@ def get_config():
     config.name = "tiny"
     config.seed = 0
     config.assets_dir = "/tmp/tiny_assets"
-    assets = config.get_ref("assets_dir")
-    config.model.sd_path = assets + "/sd"
-    config.model.classifier_path = assets + "/classifier.pt"
-    config.model.face_bank_path = assets + "/face_feats.pkl"
-    config.model.sfnet_path = assets + "/sfnet.pth"
-    config.model.clip_vision_path = assets + "/clip_vision"
-    config.model.dinov2_path = assets + "/dinov2"
+    common.flat_asset_layout(config)
     config.model.dtype = "float32"
 
     config.lora.rank = 4

@@ -87,8 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
         tests = config.test_classifiers
         classifiers = evaluate.load_classifiers(tests.gender, tests.race, tests.age)
         dino = Path(config.model.dinov2_path)
-        similarity_nets = evaluate.load_similarity_nets(
-            config.model.clip_vision_path, dino if dino.is_dir() else None, None if dino.is_dir() else dino)
+        similarity_nets = evaluate.load_similarity_nets(  # DINOv2 at the training loss's image size
+            config.model.clip_vision_path, dino if dino.is_dir() else None, None if dino.is_dir() else dino,
+            config.loss.img_size_small)
         detector = judges_lib.make_detector(config)
         original = load_stable_diffusion(config.model.sd_path, jnp.dtype(config.model.dtype),
                                          attention_impl=config.model.attention_impl)

@@ -128,17 +128,18 @@ class SimilarityNets(NamedTuple):
 
 
 def load_similarity_nets(clip_vision: Optional[str | Path] = None, dinov2_folder: Optional[str | Path] = None,
-                         dinov2_hub: Optional[str | Path] = None) -> SimilarityNets:
-    """CLIP vision tower (transformers folder), DINOv2 (transformers folder, or a torch-hub .pth file)."""
+                         dinov2_hub: Optional[str | Path] = None, dino_input_size: int = 224) -> SimilarityNets:
+    """CLIP vision tower (transformers folder; images resized to its config's image_size), DINOv2 (transformers
+    folder, or a torch-hub .pth file; images resized to `dino_input_size`, 224 for the paper's numbers)."""
     clip_net = dino_net = None
     if clip_vision is not None:
         model, params = clip.load_clip_vision(clip_vision)
         clip_net = (model, jax.device_put(params))
     if dinov2_folder is not None:
-        model, params = dinov2.load_dinov2(dinov2_folder)
+        model, params = dinov2.load_dinov2(dinov2_folder, dino_input_size)
         dino_net = (model, jax.device_put(params))
     elif dinov2_hub is not None:
-        model, params = dinov2.load_dinov2_hub(dinov2_hub)
+        model, params = dinov2.load_dinov2_hub(dinov2_hub, input_size=dino_input_size)
         dino_net = (model, jax.device_put(params))
     return SimilarityNets(clip_net, dino_net)
 
@@ -691,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     dino = parser.add_mutually_exclusive_group()
     dino.add_argument("--dinov2", type=Path, help="DINOv2 folder (transformers) for DINO similarity")
     dino.add_argument("--dinov2_hub", type=Path, help="torch-hub DINOv2 ViT-B/14 .pth file for DINO similarity")
+    parser.add_argument("--dino_input_size", type=int, default=224, help="image size DINOv2 sees (a multiple of its patch)")
     return parser
 
 
@@ -729,7 +731,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Evaluation:
             raise ValueError(f"--prompts {args.prompts} has {len(prompt_texts)} test_prompts, but {args.images} "
                              f"has prompt_{max(prompt_folders(args.images))}")
         classifiers = load_classifiers(args.gender_classifier, args.race_classifier, args.age_classifier)
-        similarity_nets = load_similarity_nets(args.clip_vision, args.dinov2, args.dinov2_hub)
+        similarity_nets = load_similarity_nets(args.clip_vision, args.dinov2, args.dinov2_hub, args.dino_input_size)
         detector = make_detector(args.detector, args.detector_path)
         # The cache key of the detector: its name and, when it reads a file, which file in which version.
         detector_name = args.detector

@@ -5,8 +5,8 @@
 #   1. train a text-encoder LoRA with the distributional alignment loss on 2 (virtual) CPU devices,
 #   2. export it (the original's .pth files and diffusers/PEFT safetensors, plain and EMA),
 #   3. generate the original and the debiased (EMA) model's images (64 per prompt, same seeds) for the
-#      first 2 held-out prompts of each of the four kinds, evaluate both with the test classifiers and
-#      print the bias before -> after and the similarity to the original images.
+#      22 held-out prompts of the four kinds, evaluate both with the test classifiers and print the bias
+#      before -> after and the similarity to the original images.
 # Output under demo_out/ (or the folder given as $1); a second run starts afresh.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +25,5 @@ echo "== 2/3 export the last checkpoint -> $out/lora"
 $py -m fairdiff_jax.export --workdir "$out/run" --out "$out/lora"
 echo "== 3/3 original vs debiased (EMA) on the held-out prompts -> $out/before_after"
 $py -m fairdiff_jax.before_after --config configs/miniature.py --out "$out/before_after" \
-  --text_encoder_lora "$out/lora/text_encoder_lora_EMA.pth" --unet_lora "$out/lora/unet_lora_EMA.pth" \
-  --prompts_per_kind 2
+  --text_encoder_lora "$out/lora/text_encoder_lora_EMA.pth" --unet_lora "$out/lora/unet_lora_EMA.pth"
 echo "done in ${SECONDS}s: metrics in $out/run/metrics.jsonl, images and tables in $out/before_after/"
