@@ -10,9 +10,10 @@ Run (from the repository root; scripts/demo.sh does this and the evaluation befo
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python -m fairdiff_jax.train --config configs/miniature.py --workdir workdirs/miniature
 
-What to expect: the step-0 evaluation shows the original model's strong bias on the validation prompts
-(gender x race gap near its maximum of 0.25); within the run the gaps of the training batch and of the EMA
-weights' validation images fall towards 0 (numbers in README.md).
+What to expect: the original model is strongly biased (gender x race gap ~0.22 of a maximum 0.25 on the
+held-out prompts). 50 steps (~3 min after ~2 min of compilation) lower the gaps a little; 250 steps
+(--config.train.max_steps=250) removed 45% / 30% / 29% of the gender / race / gender x race gap on the 22
+held-out prompts at CLIP-I 0.84 to the original images (README.md: the table and what holds it back).
 """
 
 from configs import common
