@@ -2,6 +2,7 @@
 its prompt files (SPEC 4 schema, every prompt readable by the world)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from fairdiff_jax import prompts
 from fairdiff_jax.miniature import world
 
-PROMPT_DIR = world.__file__.replace("world.py", "prompts")
+PROMPT_DIR = Path(__file__).resolve().parents[1] / "assets" / "miniature" / "prompts"  # written by build_miniature
 PHOTO = "a photo of the face of a {}, a person"
 
 
