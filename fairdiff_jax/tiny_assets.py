@@ -40,8 +40,8 @@ FEATURE_DIM = 64  # the original's: 512
 
 
 def build_classifier(path: Path, seed: int, num_classes: int = 6) -> Path:
-    """A random torchvision mobilenet_v3_large (width_mult CLASSIFIER_WIDTH_MULT) with a `num_classes` head,
-    BatchNorm statistics randomised too (so the converted running stats are exercised), saved as a state dict."""
+    """A random torchvision mobilenet_v3_large (width_mult CLASSIFIER_WIDTH_MULT) with a `num_classes` head and
+    BatchNorm statistics of its own (so the converted running stats are exercised), saved as a state dict."""
     import torch
     import torchvision
 
@@ -50,9 +50,16 @@ def build_classifier(path: Path, seed: int, num_classes: int = 6) -> Path:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    torch.save(model.state_dict(), path)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+                module.momentum = 1.0  # the calibration pass below sets the running statistics
+        # torchvision's init shrinks the signal at every depthwise conv, which a trained net's BatchNorm
+        # statistics undo: statistics from one pass over random chips, and a head scaled to decisive logits,
+        # give input-dependent, confident predictions (near-uniform ones would make every OT target uncertain
+        # and leave the fairness terms unexercised).
+        model.train()(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+        model.classifier[3].weight.mul_(10.0)
+    torch.save(model.eval().state_dict(), path)
     return path
 
 
