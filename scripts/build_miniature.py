@@ -593,6 +593,12 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(images, THUMBNAIL_POOL).flatten(1)
 
 
+def tower_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[N, 3, S, S] in [-1, 1] -> mapped to [0, 1] and mean/std normalised, as the JAX towers' inputs
+    (clip.clip_image_embeds, dinov2.dino_image_embeds)."""
+    return ((images + 1) / 2 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
 def train_similarity_tower(model, embed, mean: Sequence[float], std: Sequence[float], images: np.ndarray, steps: int,
                            seed: int, log: Log, name: str, batch_size: int = 128, learning_rate: float = 2e-3):
     """Trains a ViT so that the direction of its embedding follows the image's content: embed(x) is pulled
@@ -608,13 +614,12 @@ def train_similarity_tower(model, embed, mean: Sequence[float], std: Sequence[fl
     targets = targets - targets.mean(0)
     projection, _ = torch.linalg.qr(torch.randn(targets.shape[1], embed(model, pixels[:1]).shape[1], generator=generator))
     targets = targets @ projection
-    normalise = lambda x: ((x + 1) / 2 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters(), learning_rate, weight_decay=1e-4)
     schedule = warmup_cosine(optimizer, steps, 0.05, 0.0)
     model.train()
     for step in range(steps):
         index = torch.randint(0, len(pixels), (batch_size,), generator=generator)
-        loss = 1 - torch.nn.functional.cosine_similarity(embed(model, normalise(pixels[index])), targets[index]).mean()
+        loss = 1 - torch.nn.functional.cosine_similarity(embed(model, tower_input(pixels[index], mean, std)), targets[index]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -629,9 +634,8 @@ def similarity_calibration(model, embed, mean: Sequence[float], std: Sequence[fl
                            decoded_images: np.ndarray) -> dict[str, float]:
     """Mean cosine similarity of held-out images to their own VAE reconstruction (the same picture, slightly
     changed) and to another held-out image (a different person and scene): the scale CLIP-I is read on."""
-    normalise = lambda x: ((x + 1) / 2 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # noqa: E731
-    a = torch.nn.functional.normalize(embed(model, normalise(to_torch(images))), dim=1)
-    b = torch.nn.functional.normalize(embed(model, normalise(to_torch(decoded_images))), dim=1)
+    a = torch.nn.functional.normalize(embed(model, tower_input(to_torch(images), mean, std)), dim=1)
+    b = torch.nn.functional.normalize(embed(model, tower_input(to_torch(decoded_images), mean, std)), dim=1)
     return {"own_reconstruction": round(float((a * b).sum(1).mean()), 4),
             "another_image": round(float((a * a.roll(1, 0)).sum(1).mean()), 4)}
 
