@@ -22,19 +22,8 @@ folder), so one override moves them all: `--config.assets_dir=/mnt/assets`. `wor
 import ml_collections
 from ml_collections import config_dict
 
-# Class-head layout of the training classifier (SPEC 1): logits[0:2] gender, logits[2:6] race.
-GENDER_RACE_HEADS = (("gender", 2), ("race", 4))
-UNIFORM_GENDER = (0.5, 0.5)
-UNIFORM_RACE = (0.25, 0.25, 0.25, 0.25)
+from fairdiff_jax import attributes, prompts
 
-# Training prompt mix of experiment 5 (SPEC 4): each kind's train prompts repeated so that the four
-# kinds come up about equally often. Files are <data.prompts_dir>/<kind>.json.
-MULTI_CONCEPT_PROMPTS = {
-    "occupation": 1,
-    "occupation_w_style_and_context": 6,
-    "personal_descriptor": 20,
-    "sports": 4,
-}
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -58,7 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.classifier_path = (
         assets + "/2-trained-classifiers/fairface_MobileNetLarge_GenderRace4_09041216/epoch=9-step=3380_MobileNetLarge.pt"
     )
-    config.model.classifier_heads = GENDER_RACE_HEADS  # (attribute, classes) in logit order
+    config.model.classifier_heads = attributes.GENDER_RACE_HEADS  # (attribute, classes) in logit order
     config.model.face_bank_path = assets + "/3-face-features/FairFace_MobileNetLarge_GenderRace4_09041634/face_feats.pkl"
     config.model.sfnet_path = (
         assets + "/4-opensphere_checkpoints/opensphere_checkpoints/20220424_210641/models/backbone_100000.pth"
@@ -113,11 +102,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.target = ml_collections.ConfigDict()
     config.target.attributes = ("gender", "race")  # order = joint class order (j = 4 * g + r)
-    config.target.marginals = ml_collections.ConfigDict({"gender": UNIFORM_GENDER, "race": UNIFORM_RACE})
+    config.target.marginals = ml_collections.ConfigDict({a: attributes.uniform(a) for a in config.target.attributes})
 
     config.data = ml_collections.ConfigDict()
     config.data.prompts_dir = "fairdiff_jax/data/prompts"
-    config.data.prompt_repeats = ml_collections.ConfigDict(MULTI_CONCEPT_PROMPTS)
+    config.data.prompt_repeats = ml_collections.ConfigDict(prompts.TRAIN_REPEATS)  # <data.prompts_dir>/<kind>.json, each kind's train prompts repeated
     config.data.shuffle_seed = config.get_ref("seed") + 1  # the original shuffled epochs with seed + 1
 
     config.ckpt = ml_collections.ConfigDict()
@@ -152,12 +141,12 @@ def occupation_prompts_only(config: ml_collections.ConfigDict) -> None:
     """The single-concept experiments (original exp 1, 3, 4, 6) train on occupation prompts only. They
     validated on all 28 occupation validation prompts; here validation keeps exp 5's first 5 of each kind
     (occupations plus three kinds never trained on: a view of how far the debiasing carries)."""
-    config.data.prompt_repeats = ml_collections.ConfigDict({kind: 0 for kind in MULTI_CONCEPT_PROMPTS})
+    config.data.prompt_repeats = ml_collections.ConfigDict({kind: 0 for kind in prompts.PROMPT_KINDS})
     config.data.prompt_repeats.occupation = 1
 
 
 def flat_asset_layout(config: ml_collections.ConfigDict) -> None:
-    """Points every model file at the flat layout that `fairdiff_jax.tiny_assets` and
+    """Points every model file at the flat layout that `fairdiff_jax.judging.tiny` and
     `scripts/build_miniature.py` write under `assets_dir`: sd/, classifier.pt, face_feats.pkl, sfnet.pth,
     clip_vision/, dinov2/ (the original release nests them in numbered folders instead)."""
     assets = config.get_ref("assets_dir")

@@ -13,6 +13,7 @@ paper's exp-1 numbers are not in SPEC.
 """
 
 from configs import common
+from fairdiff_jax import attributes
 
 
 def get_config():
@@ -24,7 +25,7 @@ def get_config():
     )
     config.model.classifier_heads = (("gender", 2),)
     config.target.attributes = ("gender",)
-    config.target.marginals = {"gender": common.UNIFORM_GENDER}
+    config.target.marginals = {"gender": attributes.uniform("gender")}
     config.loss.weight_face = 1.0
     config.loss.factor1 = {"gender": 0.2}
     config.loss.factor2 = {"gender": 0.2}

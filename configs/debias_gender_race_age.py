@@ -13,6 +13,7 @@ exp-4 numbers are not in SPEC.
 """
 
 from configs import common
+from fairdiff_jax import attributes
 
 
 def get_config():
@@ -23,9 +24,9 @@ def get_config():
         config.get_ref("assets_dir")
         + "/2-trained-classifiers/fairface_MobileNetLarge_GenderRace4Age2_09151907/epoch=9-step=3380_MobileNetLarge.pt"
     )
-    config.model.classifier_heads = common.GENDER_RACE_HEADS + (("age", 2),)
+    config.model.classifier_heads = attributes.TEST_CLASSIFIER_HEADS
     config.target.attributes = ("gender", "race", "age")
-    config.target.marginals = {"gender": common.UNIFORM_GENDER, "race": common.UNIFORM_RACE, "age": (0.75, 0.25)}
+    config.target.marginals = {"gender": attributes.uniform("gender"), "race": attributes.uniform("race"), "age": attributes.YOUNG_OLD_TARGET}
     config.loss.factor1 = {"gender": 0.2, "race": 0.6, "age": 0.6}
     config.loss.factor2 = {"gender": 0.2, "race": 0.3, "age": 0.3}
     config.loss.confidence_level = 0.75

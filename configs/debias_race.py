@@ -11,6 +11,7 @@ prompts, SPEC 9); the paper's exp-6 numbers are not in SPEC.
 """
 
 from configs import common
+from fairdiff_jax import attributes
 
 
 def get_config():
@@ -18,7 +19,7 @@ def get_config():
     config.name = "debias_race"
     common.occupation_prompts_only(config)
     config.target.attributes = ("race",)
-    config.target.marginals = {"race": common.UNIFORM_RACE}
+    config.target.marginals = {"race": attributes.uniform("race")}
     config.loss.weight_img = 6.0
     config.loss.factor1 = {"race": 0.6}
     config.loss.factor2 = {"race": 0.3}

@@ -1,7 +1,7 @@
 """Tiny random-weight training run: experiment 5's loop end to end on a CPU in seconds per step.
 
 Run (from the repository root):
-    python -m fairdiff_jax.tiny_assets /tmp/tiny_assets
+    python -m fairdiff_jax.judging.tiny /tmp/tiny_assets
     python -m fairdiff_jax.train --config configs/tiny.py --config.assets_dir=/tmp/tiny_assets --workdir /tmp/tiny_run
     # 2 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m fairdiff_jax.train ...
 
@@ -42,7 +42,7 @@ def get_config():
 
     config.faces.size_face = 32  # mobilenet's smallest input
     config.faces.size_aligned_face = 112  # SFNet-20's fc fixes 112
-    config.faces.detector = "fairdiff_jax.tiny_assets:CentralFaceDetector"
+    config.faces.detector = "fairdiff_jax.judging.tiny:CentralFaceDetector"
 
     config.ckpt.every_steps = 2
     config.ckpt.keep = 2

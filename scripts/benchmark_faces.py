@@ -15,7 +15,8 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from fairdiff_jax import faces
+from fairdiff_jax.judging import crops as crops_lib
+from fairdiff_jax.judging import mtcnn
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea")
 
@@ -49,21 +50,21 @@ def main():
 
     uint8_images = photo_batch(args.batch)
     images = uint8_images.astype(np.float32) / 127.5 - 1.0
-    detector = faces.MTCNNDetector()
+    detector = mtcnn.MTCNNDetector()
     detections = detector.detect(images)
     print(f"device: {jax.devices()[0].device_kind}; batch {args.batch} x 512x512; "
           f"faces found: {detections.found.sum()}")
     ms = best_ms_per_image(lambda: detector.detect(images), args.repeats, args.batch)
     print(f"detect:                 {ms:8.1f} ms/image")
 
-    crop_boxes = faces.square_boxes(detections.boxes, 0.5)
-    chip_from_image = faces.similarity_transforms(detections.landmarks, detections.found)
+    crop_boxes = crops_lib.square_boxes(detections.boxes, 0.5)
+    chip_from_image = crops_lib.similarity_transforms(detections.landmarks, detections.found)
     device_images = jax.device_put(images)
 
     @jax.jit
     def crops(x):
-        return (faces.face_chips(x, crop_boxes, detections.found),
-                faces.aligned_faces(x, chip_from_image, detections.found))
+        return (crops_lib.face_chips(x, crop_boxes, detections.found),
+                crops_lib.aligned_faces(x, chip_from_image, detections.found))
 
     ms = best_ms_per_image(lambda: jax.block_until_ready(crops(device_images)), args.repeats, args.batch)
     print(f"face_chips + aligned:   {ms:8.1f} ms/image")

@@ -18,11 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from fairdiff_jax import sampler, tiny_sd, weights
-from fairdiff_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, clip_text_params
-from fairdiff_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
-from fairdiff_jax.models.vae import AutoencoderKLDecoder, VAEDecoderConfig, vae_decoder_params
-from fairdiff_jax.stable_diffusion import StableDiffusion, encode_prompt_pair
+from fairdiff_jax.nn import weights
+from fairdiff_jax.sd import sampler
+from fairdiff_jax.sd import tiny as tiny_sd
+from fairdiff_jax.sd.clip_text import (
+    CLIPTextConfig,
+    CLIPTextTransformer,
+    clip_text_params,
+)
+from fairdiff_jax.sd.loader import StableDiffusion, encode_prompt_pair
+from fairdiff_jax.sd.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
+from fairdiff_jax.sd.vae import (
+    AutoencoderKLDecoder,
+    VAEDecoderConfig,
+    vae_decoder_params,
+)
 
 PROMPT = "a photo of the face of a doctor, a person"
 DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16), "float16": (jnp.float16, torch.float16)}

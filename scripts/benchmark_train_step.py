@@ -64,9 +64,14 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # config files import `configs.common`
 
-from fairdiff_jax import config_cli, debias_step, judges as judges_lib, optim, parallel, sampler
-from fairdiff_jax.models.attention import ATTENTION_IMPLS
-from fairdiff_jax.train import load_models
+from fairdiff_jax import config_cli
+from fairdiff_jax.judging import clip_vision as clip_vision_lib
+from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.nn.attention import ATTENTION_IMPLS
+from fairdiff_jax.sd import clip_text, sampler
+from fairdiff_jax.training import optim, parallel
+from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.loop import load_models
 
 GIB = 2**30
 PARTS = ("sampling", "faces", "ot", "gradient")
@@ -234,16 +239,16 @@ def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
 
     The UNet and the VAE decoder (the networks differentiated at 64x64 latents) use `attention_impl` and
     remat; the judges (257 tokens at most) keep the default kernel."""
-    from fairdiff_jax.models import clip, dinov2, mobilenet_v3, sfnet
-    from fairdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
-    from fairdiff_jax.models.vae import AutoencoderKLDecoder, VAEDecoderConfig
-    from fairdiff_jax.stable_diffusion import StableDiffusion
-    from fairdiff_jax.tiny_sd import build_tokenizer
+    from fairdiff_jax.judging import dinov2, mobilenet_v3, sfnet
+    from fairdiff_jax.sd.loader import StableDiffusion
+    from fairdiff_jax.sd.tiny import build_tokenizer
+    from fairdiff_jax.sd.unet import UNet2DConditionModel, UNetConfig
+    from fairdiff_jax.sd.vae import AutoencoderKLDecoder, VAEDecoderConfig
 
     unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768), dtype=dtype, param_dtype=dtype,
                                 attention_impl=attention_impl, remat=True)
     vae = AutoencoderKLDecoder(VAEDecoderConfig(), dtype, dtype, attention_impl, remat=True)
-    text_encoder = clip.CLIPTextTransformer(clip.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    text_encoder = clip_text.CLIPTextTransformer(clip_text.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                                 num_attention_heads=12), jnp.float32, jnp.float32)
     latents = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
     unet_params = jax.eval_shape(unet.init, jax.random.key(0), latents, jnp.zeros((1,), jnp.int32),
@@ -251,8 +256,8 @@ def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
     vae_params = jax.eval_shape(vae.init, jax.random.key(0), latents)["params"]
     sd = StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_encoder.param_shapes(), build_tokenizer(),
                          sampler.SchedulerConfig())
-    clip_vision = clip.CLIPVisionWithProjection(
-        clip.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+    clip_vision = clip_vision_lib.CLIPVisionWithProjection(
+        clip_vision_lib.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                               image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"), dtype, dtype, remat=True)
     dino = dinov2.Dinov2Model(dinov2.Dinov2Config(), 224, dtype, dtype, remat=True)
     classifier = mobilenet_v3.MobileNetV3Large(6, dtype=dtype, param_dtype=dtype)
@@ -262,7 +267,7 @@ def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
     judge_variables = dict(
         classifier=mobilenet_v3.variable_shapes(classifier, 224),
         sfnet=jax.eval_shape(face_net.init, jax.random.key(0), aligned),
-        clip=clip_vision.param_shapes(),
+        clip=clip_vision_lib.param_shapes(),
         dino=dino.param_shapes(),
         face_bank=jax.ShapeDtypeStruct((10000, 512), jnp.float32),
     )
@@ -271,7 +276,7 @@ def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
 
 def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, images_per_device: int = 20,
                 num_steps: int = 23, dtype=jnp.bfloat16, attention_impl: str = "chunked") -> None:
-    from fairdiff_jax import tiny_assets
+    from fairdiff_jax.judging import tiny as tiny_assets
 
     sd, judges, judge_variables = sd15_abstract_models(dtype, attention_impl)
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -339,7 +344,7 @@ def main(argv=None):
         config_args = ["--config", str(ROOT / "configs" / "tiny.py")] + config_args
     with tempfile.TemporaryDirectory() as tmp:
         if args.assets is None and "tiny.py" in " ".join(config_args):
-            from fairdiff_jax.tiny_assets import build_tiny_assets
+            from fairdiff_jax.judging.tiny import build_tiny_assets
 
             args.assets = build_tiny_assets(Path(tmp) / "assets")
         if args.assets is not None:

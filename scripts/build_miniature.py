@@ -39,9 +39,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fairdiff_jax import metrics, tiny_sd
+from fairdiff_jax import attributes
 from fairdiff_jax import prompts as prompt_lib
+from fairdiff_jax.eval import bias as bias_lib
+from fairdiff_jax.eval import grids
+from fairdiff_jax.judging import crops
 from fairdiff_jax.miniature import world
+from fairdiff_jax.sd import tiny as tiny_sd
 
 LATENT_CHANNELS = 4
 VAE_CONFIG = dict(
@@ -373,16 +377,15 @@ def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, voca
 
 def world_face_chips(renders: world.Renders, size: int, expand_coef: float, seed: int, box_jitter: float = 0.5,
                      batch_size: int = 1000) -> np.ndarray:
-    """[N, size, size, 3] chips cut exactly as the pipeline cuts them (faces.square_boxes +
-    faces.face_chips) around each render's true face box, moved by N(0, box_jitter) pixels per
+    """[N, size, size, 3] chips cut exactly as the pipeline cuts them (crops.square_boxes +
+    crops.face_chips) around each render's true face box, moved by N(0, box_jitter) pixels per
     coordinate (a detector's error)."""
     import jax
 
-    from fairdiff_jax import faces
 
     rng = np.random.default_rng(seed)
     boxes = renders.boxes + rng.normal(0.0, box_jitter, renders.boxes.shape).astype(np.float32)
-    cut = jax.jit(lambda images, boxes, found: faces.face_chips(images, faces.square_boxes(boxes, expand_coef), found, size))
+    cut = jax.jit(lambda images, boxes, found: crops.face_chips(images, crops.square_boxes(boxes, expand_coef), found, size))
     chips = []
     for start in range(0, len(boxes), batch_size):
         part = slice(start, start + batch_size)
@@ -525,13 +528,12 @@ def save_sfnet(net: TorchSFNet, path: Path) -> Path:
 
 def aligned_world_faces(renders: world.Renders, batch_size: int = 1000) -> np.ndarray:
     """[N, 112, 112, 3] faces aligned onto the ArcFace template from their true landmarks, by the
-    pipeline's own functions (faces.similarity_transforms + faces.aligned_faces)."""
+    pipeline's own functions (crops.similarity_transforms + crops.aligned_faces)."""
     import jax
 
-    from fairdiff_jax import faces
 
-    warp = jax.jit(lambda images, transforms, found: faces.aligned_faces(images, transforms, found, ALIGNED_SIZE))
-    transforms = faces.similarity_transforms(renders.landmarks, renders.has_face)
+    warp = jax.jit(lambda images, transforms, found: crops.aligned_faces(images, transforms, found, ALIGNED_SIZE))
+    transforms = crops.similarity_transforms(renders.landmarks, renders.has_face)
     return np.concatenate([
         np.asarray(warp(renders.images[s:s + batch_size], transforms[s:s + batch_size], renders.has_face[s:s + batch_size]))
         for s in range(0, len(renders.images), batch_size)
@@ -647,8 +649,8 @@ def save_similarity_towers(out: Path, images: np.ndarray, steps: int, seed: int,
     folders in STORED_DTYPE; returns each tower's `similarity_calibration` on the held-out images."""
     import transformers
 
-    from fairdiff_jax.models.clip import CLIP_MEAN, CLIP_STD
-    from fairdiff_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+    from fairdiff_jax.judging.clip_vision import CLIP_MEAN, CLIP_STD
+    from fairdiff_jax.judging.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(seed)
     clip_tower = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP_VISION_CONFIG))
@@ -680,9 +682,9 @@ def true_bias(prompt: str) -> dict:
         "gender": joint.sum(1).round(4).tolist(),
         "race": joint.sum(0).round(4).tolist(),
         "p_old": round(world.old_probability(spec), 4),
-        "gender_gap": round(metrics.pairwise_gap(joint.sum(1)), 4),
-        "race_gap": round(metrics.pairwise_gap(joint.sum(0)), 4),
-        "gender_race_gap": round(metrics.pairwise_gap(joint.ravel()), 4),
+        "gender_gap": round(bias_lib.pairwise_gap(joint.sum(1)), 4),
+        "race_gap": round(bias_lib.pairwise_gap(joint.sum(0)), 4),
+        "gender_race_gap": round(bias_lib.pairwise_gap(joint.ravel()), 4),
     }
 
 
@@ -695,8 +697,8 @@ def check_generator(sd_folder: Path, prompts: Sequence[str], num_images: int, de
     import jax
     from PIL import Image
 
-    from fairdiff_jax import faces, sampler
-    from fairdiff_jax.stable_diffusion import encode_prompt_pair, load_stable_diffusion
+    from fairdiff_jax.sd import sampler
+    from fairdiff_jax.sd.loader import encode_prompt_pair, load_stable_diffusion
 
     sd = load_stable_diffusion(sd_folder)
     schedule = sd.schedule(steps)
@@ -707,7 +709,7 @@ def check_generator(sd_folder: Path, prompts: Sequence[str], num_images: int, de
         images = np.asarray(sampler.sample_images(sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise,
                                                   cond, uncond, 7.5, context_mask))
         found = detector.detect(images)
-        chips = np.asarray(faces.face_chips(images, faces.square_boxes(found.boxes, expand_coef), found.found, size_face))
+        chips = np.asarray(crops.face_chips(images, crops.square_boxes(found.boxes, expand_coef), found.found, size_face))
         with torch.no_grad():
             logits = classifier(to_torch(chips[found.found])).numpy()
         gender, race = logits[:, :2].argmax(1), logits[:, 2:6].argmax(1)
@@ -715,15 +717,15 @@ def check_generator(sd_folder: Path, prompts: Sequence[str], num_images: int, de
         results.append({
             "prompt": prompt,
             "face_found": float(found.found.mean()),
-            "gender_share": metrics.class_frequencies(gender, 2).round(3).tolist(),
-            "race_share": metrics.class_frequencies(race, 4).round(3).tolist(),
+            "gender_share": bias_lib.class_frequencies(gender, 2).round(3).tolist(),
+            "race_share": bias_lib.class_frequencies(race, 4).round(3).tolist(),
             "true_gender": truth["gender"], "true_race": truth["race"],
-            "gender_gap": round(metrics.bias(gender, 2), 3), "true_gender_gap": truth["gender_gap"],
-            "race_gap": round(metrics.bias(race, 4), 3), "true_race_gap": truth["race_gap"],
-            "gender_race_gap": round(metrics.bias(4 * gender + race, 8), 3), "true_gender_race_gap": truth["gender_race_gap"],
+            "gender_gap": round(bias_lib.bias(gender, 2), 3), "true_gender_gap": truth["gender_gap"],
+            "race_gap": round(bias_lib.bias(race, 4), 3), "true_race_gap": truth["race_gap"],
+            "gender_race_gap": round(bias_lib.bias(4 * gender + race, 8), 3), "true_gender_race_gap": truth["gender_race_gap"],
         })
         rows.append(np.concatenate(list(images[:16]), axis=1))
-    grid = metrics.to_uint8(np.concatenate(rows, axis=0))
+    grid = grids.to_uint8(np.concatenate(rows, axis=0))
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(grid_path)
     return results
 
@@ -732,8 +734,8 @@ def check_generator(sd_folder: Path, prompts: Sequence[str], num_images: int, de
 # The build
 
 
-GENDER_RACE_HEADS = (("gender", 2), ("race", 4))
-TEST_HEADS = (("gender", 2), ("race", 4), ("age", 2))
+GENDER_RACE_HEADS = attributes.GENDER_RACE_HEADS
+TEST_HEADS = attributes.TEST_CLASSIFIER_HEADS
 SIZE_FACE = 64  # config.faces.size_face: the classifiers' chip size
 CLASSIFIER_WIDTH = 0.25  # torchvision width_mult: a 64x64 chip of this world needs no more (1.2 MB per file)
 EXPAND_COEF = 0.5  # config.faces.expand_coef: the detector's boxes are tight face boxes, as insightface's

@@ -16,6 +16,6 @@ echo "[setup] installing requirements into $venv (first run: ~3 minutes, ~7.5 GB
 # The package itself, editable, so that scripts/ and any working directory can import it.
 "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -E "^(ERROR|error)" >&2 || true
 # pip's exit status is hidden by the filter above: check the install really worked.
-"$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, torch, torchvision, diffusers, transformers, fairdiff_jax.alignment" \
+"$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, torch, torchvision, diffusers, transformers, fairdiff_jax.training.alignment" \
   || { echo "[setup] install failed: see pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -14,14 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from dft_torch_reference import encode_prompt_pair as torch_encode_prompt_pair
+from dft_torch_reference import original_gradient_scales
+from dft_torch_reference import sample_images_adjusted as torch_sample_images_adjusted
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from flax import traverse_util
+from lora_torch_reference import attach_unet_lora, patch_text_encoder
 from transformers import CLIPTextModel
 
-from fairdiff_jax import lora, sampler, stable_diffusion, tiny_sd
-from dft_torch_reference import original_gradient_scales, sample_images_adjusted as torch_sample_images_adjusted
-from dft_torch_reference import encode_prompt_pair as torch_encode_prompt_pair
-from lora_torch_reference import attach_unet_lora, patch_text_encoder
+from fairdiff_jax.sd import loader as stable_diffusion
+from fairdiff_jax.sd import lora, sampler
+from fairdiff_jax.sd import tiny as tiny_sd
 
 PROMPT = "a photo of the face of a doctor, a person"
 STEPS, GUIDANCE, BATCH, RANK = 5, 7.5, 2, 4

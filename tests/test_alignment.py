@@ -9,7 +9,8 @@ import numpy as np
 import ot
 import pytest
 
-from fairdiff_jax import alignment as al
+from fairdiff_jax import attributes
+from fairdiff_jax.training import alignment as al
 
 UNIFORM_8 = np.full(8, 1 / 8)
 
@@ -62,8 +63,8 @@ def random_probs(rng, n, num_classes):
     "marginals",
     [
         al.DEFAULT_TARGET_MARGINALS,  # gender x race (experiment 5)
-        (al.RACE_MARGINALS,),  # race only
-        (al.GENDER_MARGINALS, al.RACE_MARGINALS, al.AGE_MARGINALS),  # 16 joint classes
+        (attributes.uniform("race"),),  # race only
+        (attributes.uniform("gender"), attributes.uniform("race"), attributes.YOUNG_OLD_TARGET),  # 16 joint classes
     ],
 )
 def test_ot_targets_match_plain_pot_reference(marginals):
@@ -100,7 +101,7 @@ def test_ot_targets_match_plain_pot_reference(marginals):
 def test_target_count_sampler_matches_joint_distribution():
     # 16 classes of gender x race x age (P = 1/2 * 1/4 * {3/4, 1/4}); 4000 draws of 10 labels:
     # the mean count n * P_j has standard error sqrt(n P (1-P) / 4000) <= 0.02; allow 6 of those.
-    joint = al.joint_target_distribution((al.GENDER_MARGINALS, al.RACE_MARGINALS, al.AGE_MARGINALS))
+    joint = al.joint_target_distribution((attributes.uniform("gender"), attributes.uniform("race"), attributes.YOUNG_OLD_TARGET))
     assert joint[0] == 0.5 * 0.25 * 0.75 and joint[1] == 0.5 * 0.25 * 0.25  # j = 8g + 2r + a
     counts = al.sample_target_counts(np.random.default_rng(1), 10, joint, 4000)
     assert counts.shape == (4000, 16) and (counts.sum(1) == 10).all()

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairdiff_jax.models import attention
-from fairdiff_jax.models.attention import dot_product_attention
+from fairdiff_jax.nn import attention
+from fairdiff_jax.nn.attention import dot_product_attention
 
 
 def qkv(seed, batch, tq, tk, heads, depth):

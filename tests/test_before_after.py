@@ -9,8 +9,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from fairdiff_jax import before_after, debias_step, evaluate, lora
-from fairdiff_jax.stable_diffusion import load_stable_diffusion
+from fairdiff_jax.eval import before_after, evaluate
+from fairdiff_jax.sd import lora
+from fairdiff_jax.sd.loader import load_stable_diffusion
+from fairdiff_jax.training import step as debias_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIATURE = ROOT / "assets" / "miniature"

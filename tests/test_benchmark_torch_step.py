@@ -12,8 +12,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from torch_train_step import TorchTrainStep  # noqa: E402
 
-from fairdiff_jax import config_cli  # noqa: E402
-from fairdiff_jax.tiny_assets import build_tiny_assets  # noqa: E402
+from fairdiff_jax import config_cli
+from fairdiff_jax.judging.tiny import build_tiny_assets
 
 
 def test_one_step_moves_every_lora_up_factor(tmp_path):

@@ -1,10 +1,9 @@
 """Orbax checkpoints: round trip of the whole TrainState and data position, exact resumption, retention."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import checkpoints, optim, parallel
+from fairdiff_jax.training import checkpoints, optim, parallel
 
 
 def _fresh_state(mesh):

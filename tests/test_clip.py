@@ -19,8 +19,10 @@ import torchvision.transforms.functional as TF
 import transformers
 from safetensors.torch import save_file
 
-from fairdiff_jax.models import clip
-from fairdiff_jax.weights import WeightLoadError
+from fairdiff_jax.judging import clip_vision
+from fairdiff_jax.nn import transformer
+from fairdiff_jax.nn.weights import WeightLoadError
+from fairdiff_jax.sd import clip_text
 
 TINY_TEXT = dict(
     vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -57,7 +59,7 @@ def test_text_encoder_matches_transformers_with_padding_mask(tmp_path, hidden_ac
     torch.manual_seed(0)
     ref = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_act=hidden_act, **TINY_TEXT)))
     ref.save_pretrained(tmp_path)
-    model, params = clip.load_clip_text(tmp_path, attention_impl=attention_impl)
+    model, params = clip_text.load_clip_text(tmp_path, attention_impl=attention_impl)
     ids, mask = prompt_batch()
 
     got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
@@ -78,7 +80,7 @@ def test_text_encoder_reads_transformers4_layout_and_torch_pickle(tmp_path):
     state = {f"text_model.{k}": v for k, v in ref.state_dict().items()}
     state["text_model.embeddings.position_ids"] = torch.arange(TINY_TEXT["max_position_embeddings"])[None]
     torch.save(state, tmp_path / "pytorch_model.bin")
-    model, params = clip.load_clip_text(tmp_path)
+    model, params = clip_text.load_clip_text(tmp_path)
     np.testing.assert_array_equal(
         params["encoder"]["layers_1"]["self_attn"]["q_proj"]["kernel"],
         ref.state_dict()["encoder.layers.1.self_attn.q_proj.weight"].numpy().T,
@@ -94,8 +96,8 @@ def torch_clip_feature(ref, images_nhwc, size: int) -> torch.Tensor:
     """The original's get_clip_feat on Resize(size)(images): torchvision 0.16 tensors had no antialiasing."""
     x = torch.as_tensor(images_nhwc).permute(0, 3, 1, 2)
     x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
-    mean = torch.tensor(clip.CLIP_MEAN).reshape(1, 3, 1, 1)
-    std = torch.tensor(clip.CLIP_STD).reshape(1, 3, 1, 1)
+    mean = torch.tensor(clip_vision.CLIP_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(clip_vision.CLIP_STD).reshape(1, 3, 1, 1)
     embeds = ref(pixel_values=((x + 1) * 0.5 - mean) / std).image_embeds
     return torch.nn.functional.normalize(embeds.float(), dim=-1)
 
@@ -105,7 +107,7 @@ def test_vision_tower_and_feature_function_match_transformers(tmp_path):
     config = transformers.CLIPVisionConfig(hidden_act="gelu", **TINY_VISION)
     ref = randomize_(transformers.CLIPVisionModelWithProjection(config), seed=2)
     ref.save_pretrained(tmp_path)
-    model, params = clip.load_clip_vision(tmp_path)
+    model, params = clip_vision.load_clip_vision(tmp_path)
     assert model.config.projection_dim == 24 and model.config.hidden_act == "gelu"
 
     rng = np.random.default_rng(0)
@@ -119,8 +121,8 @@ def test_vision_tower_and_feature_function_match_transformers(tmp_path):
     # The loss feature on 40x40 images in [-1, 1] (downsampled to 28), values and input gradients.
     images = rng.uniform(-1, 1, size=(3, 40, 40, 3)).astype(np.float32)
     weights = rng.normal(size=(3, 24)).astype(np.float32)
-    objective = lambda m, im: (clip.clip_image_embeds(m, params, im) * weights).sum()  # noqa: E731
-    feats_jax = np.asarray(clip.clip_image_embeds(model, params, jnp.asarray(images)))
+    objective = lambda m, im: (clip_vision.clip_image_embeds(m, params, im) * weights).sum()  # noqa: E731
+    feats_jax = np.asarray(clip_vision.clip_image_embeds(model, params, jnp.asarray(images)))
     grad_jax = np.asarray(jax.jit(jax.grad(objective, argnums=1), static_argnums=0)(model, jnp.asarray(images)))
 
     images_t = torch.from_numpy(images).requires_grad_(True)
@@ -134,7 +136,7 @@ def test_vision_tower_and_feature_function_match_transformers(tmp_path):
     np.testing.assert_allclose(grad_jax, images_t.grad.numpy(), atol=1e-5 * np.abs(grad_jax).max(), rtol=0)
 
     # Rematerialised layers change memory, not values.
-    remat_model = clip.CLIPVisionWithProjection(model.config, remat=True)
+    remat_model = clip_vision.CLIPVisionWithProjection(model.config, remat=True)
     grad_remat = jax.jit(jax.grad(objective, argnums=1), static_argnums=0)(remat_model, jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(grad_remat), grad_jax, atol=1e-6 * np.abs(grad_jax).max(), rtol=0)
 
@@ -142,7 +144,7 @@ def test_vision_tower_and_feature_function_match_transformers(tmp_path):
 def test_resize_is_torch_bilinear_without_antialias():
     images = np.random.default_rng(3).uniform(-1, 1, size=(2, 50, 50, 3)).astype(np.float32)
     for size in (28, 64):  # down- and upsampling
-        got = np.asarray(clip.resize_bilinear(jnp.asarray(images), size))
+        got = np.asarray(transformer.resize_bilinear(jnp.asarray(images), size))
         want = torch.nn.functional.interpolate(
             torch.from_numpy(images).permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False, antialias=False
         ).permute(0, 2, 3, 1).numpy()
@@ -157,8 +159,8 @@ def test_both_towers_load_from_a_clip_model_folder(tmp_path):
     # transformers writes the vision_config's own (default, stale) projection_dim: the top level must win.
     assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["projection_dim"] != 20
 
-    vision, vision_params = clip.load_clip_vision(tmp_path)
-    text, text_params = clip.load_clip_text(tmp_path)
+    vision, vision_params = clip_vision.load_clip_vision(tmp_path)
+    text, text_params = clip_text.load_clip_text(tmp_path)
     pixels = np.random.default_rng(5).normal(size=(2, 28, 28, 3)).astype(np.float32)
     ids, mask = prompt_batch()
     with torch.no_grad():
@@ -175,12 +177,12 @@ def test_bfloat16_tower_stays_close_to_float32(tmp_path):
     torch.manual_seed(6)
     ref = randomize_(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**TINY_VISION)), seed=6)
     ref.save_pretrained(tmp_path)
-    model32, params32 = clip.load_clip_vision(tmp_path)
-    model16, params16 = clip.load_clip_vision(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model32, params32 = clip_vision.load_clip_vision(tmp_path)
+    model16, params16 = clip_vision.load_clip_vision(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert params16["visual_projection"]["kernel"].dtype == jnp.bfloat16
     images = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, size=(2, 40, 40, 3)).astype(np.float32))
-    f32 = np.asarray(clip.clip_image_embeds(model32, params32, images))
-    f16 = clip.clip_image_embeds(model16, params16, images)
+    f32 = np.asarray(clip_vision.clip_image_embeds(model32, params32, images))
+    f16 = clip_vision.clip_image_embeds(model16, params16, images)
     assert f16.dtype == jnp.float32
     cos = (f32 * np.asarray(f16)).sum(-1)
     assert cos.min() > 0.995, cos
@@ -188,34 +190,34 @@ def test_bfloat16_tower_stays_close_to_float32(tmp_path):
 
 def test_loader_errors_name_the_problem(tmp_path):
     with pytest.raises(WeightLoadError, match="model folder not found: .*absent"):
-        clip.load_clip_text(tmp_path / "absent")
+        clip_text.load_clip_text(tmp_path / "absent")
     with pytest.raises(WeightLoadError, match="no config.json in"):
-        clip.load_clip_vision(tmp_path)
+        clip_vision.load_clip_vision(tmp_path)
 
     ref = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT)))
     ref.config.to_json_file(tmp_path / "config.json")
     with pytest.raises(WeightLoadError, match="no weights file in .*model.safetensors"):
-        clip.load_clip_text(tmp_path)
+        clip_text.load_clip_text(tmp_path)
 
     state = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "encoder.layers.1.mlp.fc2.weight"}
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightLoadError, match=r"model.safetensors[\s\S]*missing[\s\S]*encoder/layers_1/mlp/fc2/kernel"):
-        clip.load_clip_text(tmp_path)
+        clip_text.load_clip_text(tmp_path)
 
     ref.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, intermediate_size=48)))
     with pytest.raises(WeightLoadError, match=r"encoder.layers.0.mlp.fc1.weight: file \(32, 64\) vs model \(32, 48\)"):
-        clip.load_clip_text(tmp_path)
+        clip_text.load_clip_text(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
     with pytest.raises(ValueError, match="'hidden_act' = 'relu'"):
-        clip.load_clip_text(tmp_path)
+        clip_text.load_clip_text(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="clip_vision_model")))
     with pytest.raises(ValueError, match="'model_type' = 'clip_vision_model'"):
-        clip.load_clip_text(tmp_path)
+        clip_text.load_clip_text(tmp_path)
 
-    vision = clip.CLIPVisionWithProjection(clip.CLIPVisionConfig(**TINY_VISION))
+    vision = clip_vision.CLIPVisionWithProjection(clip_vision.CLIPVisionConfig(**TINY_VISION))
     with pytest.raises(ValueError, match=r"shape \(1, 32, 32, 3\).*\[B, \*\(28, 28, 3\)\]"):
         vision.apply({"params": vision.param_shapes()}, jnp.zeros((1, 32, 32, 3)))
 
@@ -234,8 +236,8 @@ def test_sd15_text_encoder_shape_matches_transformers():
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
     )
     ref = transformers.CLIPTextModel(config).eval()
-    model = clip.CLIPTextTransformer(clip.CLIPTextConfig.from_dict(config.to_dict()))
-    params = clip.clip_text_params(model, {k: v.numpy() for k, v in ref.state_dict().items()}, "in-memory")
+    model = clip_text.CLIPTextTransformer(clip_text.CLIPTextConfig.from_dict(config.to_dict()))
+    params = clip_text.clip_text_params(model, {k: v.numpy() for k, v in ref.state_dict().items()}, "in-memory")
     ids = np.full((2, 77), 49407, np.int32)
     ids[:, 0] = 49406
     ids[0, 1:20] = np.arange(1000, 1019)
@@ -259,10 +261,10 @@ def test_vit_h14_vision_tower_shape_matches_transformers():
         patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
     )
     ref = transformers.CLIPVisionModelWithProjection(config).eval()
-    model = clip.CLIPVisionWithProjection(clip.CLIPVisionConfig.from_dict(config.to_dict()))
-    params = clip.clip_vision_params(model, {k: v.numpy() for k, v in ref.state_dict().items()}, "in-memory")
+    model = clip_vision.CLIPVisionWithProjection(clip_vision.CLIPVisionConfig.from_dict(config.to_dict()))
+    params = clip_vision.clip_vision_params(model, {k: v.numpy() for k, v in ref.state_dict().items()}, "in-memory")
     images = np.random.default_rng(12).uniform(-1, 1, size=(1, 512, 512, 3)).astype(np.float32)
-    got = np.asarray(jax.jit(lambda p, im: clip.clip_image_embeds(model, p, im))(params, jnp.asarray(images)))
+    got = np.asarray(jax.jit(lambda p, im: clip_vision.clip_image_embeds(model, p, im))(params, jnp.asarray(images)))
     with torch.no_grad():
         want = torch_clip_feature(ref, images, 224).numpy()
     print(f"ViT-H/14 clip feature: max abs diff {np.abs(got - want).max():.2e}; {time.time() - start:.0f} s")

@@ -18,10 +18,12 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 import transformers
-from test_clip import randomize_  # the one helper that randomises every parameter of a torch model
+from test_clip import (
+    randomize_,  # the one helper that randomises every parameter of a torch model
+)
 
-from fairdiff_jax.models import dinov2
-from fairdiff_jax.weights import WeightLoadError
+from fairdiff_jax.judging import dinov2
+from fairdiff_jax.nn.weights import WeightLoadError
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=7, image_size=7 * 37, mlp_ratio=4)
 INPUT = 112  # -> 16 x 16 patches

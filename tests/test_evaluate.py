@@ -21,14 +21,14 @@ import pytest
 import torch
 import torchvision
 import transformers
-from PIL import Image
-
-from fairdiff_jax import evaluate as ev
-from fairdiff_jax import faces
-from fairdiff_jax.models import clip, dinov2
-from test_clip import TINY_VISION, randomize_
 from face_torch_reference import reference_face_chip, reference_square_box
+from PIL import Image
+from test_clip import TINY_VISION, randomize_
 from test_mobilenet_v3 import _torch_classifier
+
+from fairdiff_jax.eval import evaluate as ev
+from fairdiff_jax.judging import clip_vision as clip_vision_lib
+from fairdiff_jax.judging import detection, dinov2
 
 SIZE = 64  # image side
 FACE_SIZE = 64  # face chips (224 in real use; MobileNetV3 takes any size >= 32)
@@ -53,7 +53,7 @@ class BrightFaceDetector:
         self.images_seen += int((images > -1).any(axis=(1, 2, 3)).sum())
         found = images.mean(axis=(1, 2, 3)) > 0
         n = len(images)
-        return faces.FaceDetections(
+        return detection.FaceDetections(
             found, np.where(found[:, None], FACE_BOX, -1).astype(np.float32),
             np.full((n, 5, 2), -1, np.float32), np.where(found, 0.99, -1).astype(np.float32),
         )
@@ -122,6 +122,7 @@ def classifiers(torch_classifiers):
 def load_with_readme_snippet(test_results_path):
     """The original README's loading code, verbatim apart from the path."""
     import pickle as pkl
+
     import torch  # noqa: F401  (the README imports it; the tensors need it)
 
     with open(test_results_path, "rb") as f:
@@ -383,7 +384,7 @@ def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, c
                                  progress=False)
     pair = ev.read_images([images / "prompt_0" / "img_0.jpg", images / "prompt_0" / "img_1.jpg"])
     for similarity, (model, params), embed in zip((results[0].clip_similarity, results[0].dino_similarity), nets,
-                                                  (clip.clip_image_embeds, dinov2.dino_image_embeds)):
+                                                  (clip_vision_lib.clip_image_embeds, dinov2.dino_image_embeds)):
         features = np.asarray(jax.jit(embed, static_argnums=0)(model, params, pair))
         cosine = float(features[0] @ features[1])
         assert cosine < 1 - 1e-4  # the two images are told apart (identical ones gave 1 within 1e-5)

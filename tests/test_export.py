@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fairdiff_jax import checkpoints, debias_step, export, lora, optim
-from fairdiff_jax.stable_diffusion import load_stable_diffusion
-from fairdiff_jax.tiny_sd import build_tiny_sd
+from fairdiff_jax.sd import lora
+from fairdiff_jax.sd.loader import load_stable_diffusion
+from fairdiff_jax.sd.tiny import build_tiny_sd
+from fairdiff_jax.training import checkpoints, export, optim
+from fairdiff_jax.training import step as debias_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

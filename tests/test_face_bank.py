@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fairdiff_jax.face_bank import FaceBankError, load_face_bank, nearest_bank_features
+from fairdiff_jax.judging.face_bank import (
+    FaceBankError,
+    load_face_bank,
+    nearest_bank_features,
+)
 
 
 def _bank_arrays(m=50, d=512, seed=0):

@@ -11,8 +11,10 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from fairdiff_jax import generate, lora, tiny_sd
-from fairdiff_jax.stable_diffusion import load_stable_diffusion
+from fairdiff_jax.sd import generation as generate
+from fairdiff_jax.sd import lora
+from fairdiff_jax.sd import tiny as tiny_sd
+from fairdiff_jax.sd.loader import load_stable_diffusion
 
 # Text is padded to 77 tokens, so every run below reuses one compiled sampler per batch size.
 PROMPTS = list(generate.DEMO_PROMPTS)

@@ -15,10 +15,14 @@ import pytest
 import torch
 from diffusers.loaders.utils import AttnProcsLayers
 from flax import traverse_util
+from lora_torch_reference import (
+    attach_unet_lora,
+    patch_text_encoder,
+    unet_lora_state_dict,
+)
 
-from fairdiff_jax import lora
-from fairdiff_jax.weights import WeightLoadError, torch_key_to_flax_path
-from lora_torch_reference import attach_unet_lora, patch_text_encoder, unet_lora_state_dict
+from fairdiff_jax.nn.weights import WeightLoadError, torch_key_to_flax_path
+from fairdiff_jax.sd import lora
 
 RANK = 4
 
@@ -261,7 +265,11 @@ def test_bad_files_name_keys_shapes_and_file(tmp_path):
 # ---- diffusers / PEFT export -------------------------------------------------------------------
 
 def _tiny_pipeline(unet, text_encoder):
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+    )
 
     vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)

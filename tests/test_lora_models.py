@@ -17,12 +17,17 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.utils import AttnProcsLayers
 from flax import traverse_util
+from lora_torch_reference import (
+    attach_unet_lora,
+    patch_text_encoder,
+    unet_lora_state_dict,
+)
 from transformers import CLIPTextModel
 
-from fairdiff_jax import lora, tiny_sd
-from fairdiff_jax.models.clip import load_clip_text
-from fairdiff_jax.models.unet import load_unet
-from lora_torch_reference import attach_unet_lora, patch_text_encoder, unet_lora_state_dict
+from fairdiff_jax.sd import lora
+from fairdiff_jax.sd import tiny as tiny_sd
+from fairdiff_jax.sd.clip_text import load_clip_text
+from fairdiff_jax.sd.unet import load_unet
 
 RANK = 4
 # float32 CPU: measured max |diff| 1.1e-6..2.3e-6 for outputs of max |value| 1.6..2.8, LoRA effects 0.2..2.5.

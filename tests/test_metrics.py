@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairdiff_jax import metrics as mt
+from fairdiff_jax.eval import bias as bias_lib
+from fairdiff_jax.eval import grids
 
 # 10 images, faces in the first 8 (rows 8, 9 are -1 fills and must be ignored).
 FACE = np.array([True] * 8 + [False] * 2)
@@ -32,7 +33,7 @@ RACE = np.array(
 
 
 def test_bias_metrics_hand_counted():
-    got = mt.bias_metrics([GENDER, RACE], FACE)
+    got = bias_lib.bias_metrics([GENDER, RACE], FACE)
     # gender: 5 male, 3 female of 8 -> |5/8 - 3/8| = 0.25.
     assert got["gender_gap"] == pytest.approx(0.25)
     # race counts (3, 2, 1, 2)/8: pairwise |diff| in eighths: 1, 2, 1, 1, 0, 1 -> 6/8 over 6 pairs
@@ -55,23 +56,23 @@ def test_bias_equals_off_diagonal_mean_of_l1_distances():
         freqs = np.array([(preds == c).mean() for c in range(k)])
         dist = np.abs(freqs[:, None] - freqs[None, :])
         expected = dist[~np.eye(k, dtype=bool)].mean()
-        assert mt.bias(preds, k) == pytest.approx(expected, abs=1e-15)
+        assert bias_lib.bias(preds, k) == pytest.approx(expected, abs=1e-15)
     # A perfectly balanced set has bias 0; all in one class of K has bias 2/K.
-    assert mt.bias([0, 1, 2, 3], 4) == 0
-    assert mt.bias([2, 2, 2], 4) == pytest.approx(0.5)
+    assert bias_lib.bias([0, 1, 2, 3], 4) == 0
+    assert bias_lib.bias([2, 2, 2], 4) == pytest.approx(0.5)
 
 
 def test_no_faces_gives_nan_and_summaries_skip_it():
-    got = mt.bias_metrics([GENDER, RACE], np.zeros(10, bool))
+    got = bias_lib.bias_metrics([GENDER, RACE], np.zeros(10, bool))
     assert all(math.isnan(v) for v in got.values())
-    mean, std = mt.mean_std_over_prompts([0.2, 0.4, float("nan")])
+    mean, std = bias_lib.mean_std_over_prompts([0.2, 0.4, float("nan")])
     assert mean == pytest.approx(0.3) and std == pytest.approx(0.1)
-    summary = mt.summarize_over_prompts([{"a": 0.0, "b": 1.0}, {"a": 1.0, "b": 1.0}])
+    summary = bias_lib.summarize_over_prompts([{"a": 0.0, "b": 1.0}, {"a": 1.0, "b": 1.0}])
     assert summary == {"a": (0.5, 0.5), "b": (1.0, 0.0)}
 
 
 def test_single_attribute_has_no_joint_key():
-    got = mt.bias_metrics([RACE], FACE, attribute_names=("race",), confidence_level=0.9)
+    got = bias_lib.bias_metrics([RACE], FACE, attribute_names=("race",), confidence_level=0.9)
     # Max race prob < 0.9: images 0 (0.7), 1 (0.85), 4 (0.5), 5 (0.8) -> 4/8.
     assert got == pytest.approx({"race_gap": 0.125, "race_pred_below_0.9": 0.5})
 
@@ -84,7 +85,7 @@ def test_annotated_grid_pixels(tmp_path):
     boxes = np.array([[5, 5, 15, 15], [0, 0, 10, 10], [-1, -1, -1, -1]])
     gender = np.array([[0.25, 0.75], [1.0, 0.0], [-1, -1]])  # male .75, female 1.0
     race = np.array([[0.2, 0.2, 0.1, 0.5], [0.0, 1.0, 0.0, 0.0], [-1, -1, -1, -1]])  # Asian .5, Black 1
-    grid = mt.annotated_grid(images, face, boxes, [gender, race], bar_width=4, border=2, label_indices=False)
+    grid = grids.annotated_grid(images, face, boxes, [gender, race], bar_width=4, border=2, label_indices=False)
     # Order: image 1 (female Black, j = 1), image 0 (male Asian, j = 7), image 2 (no face).
     # rows = floor(sqrt(3)) = 1, cols = 3.
     assert grid.shape == (24, 96, 3) and grid.dtype == np.uint8
@@ -110,7 +111,7 @@ def test_annotated_grid_pixels(tmp_path):
     # Tile 2 = image 2 (no face): white bars, untouched image.
     assert (tile[2][2:22, 2:10] == white).all() and (tile[2][2:22, 10:30] == 191).all()
 
-    path = mt.save_image(grid, tmp_path / "sub" / "grid.png")
+    path = grids.save_image(grid, tmp_path / "sub" / "grid.png")
     np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
 
 
@@ -120,14 +121,14 @@ def test_grid_fills_empty_cells_and_orders_by_confidence():
     face = np.array([True, True, True, False, True])
     gender = np.array([[0.9, 0.1]] * 5)
     race = np.array([[0.6, 0.4, 0, 0], [0.9, 0.1, 0, 0], [0, 0, 0, 1.0], [1.0, 0, 0, 0], [0.7, 0.3, 0, 0]])
-    order = mt.grid_order(
+    order = grids.grid_order(
         [np.where(face, g, -1) for g in (gender.argmax(1), race.argmax(1))],
         [gender.max(1), race.max(1)],
         face,
         [2, 4],
     )
     np.testing.assert_array_equal(order, [1, 4, 0, 2, 3])
-    grid = mt.annotated_grid(images, face, np.full((5, 4), -1), [gender, race], bar_width=2, border=1)
+    grid = grids.annotated_grid(images, face, np.full((5, 4), -1), [gender, race], bar_width=2, border=1)
     tile_h, tile_w = 8 + 2, 8 + 4 + 2
     assert grid.shape == (2 * tile_h, 3 * tile_w, 3)
     assert (grid[tile_h:, 2 * tile_w:] == 255).all()

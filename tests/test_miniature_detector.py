@@ -5,9 +5,9 @@ the FaceDetector interface (shapes, -1 fills, file round trip, clear errors)."""
 import numpy as np
 import pytest
 
-from fairdiff_jax import weights
 from fairdiff_jax.miniature import detector as detector_lib
 from fairdiff_jax.miniature import world
+from fairdiff_jax.nn import weights
 
 TRAIN_STEPS = 400
 

@@ -12,8 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from fairdiff_jax import config_cli, debias_step, judges as judges_lib, metrics, optim, parallel
-from fairdiff_jax.train import load_models
+from fairdiff_jax import config_cli
+from fairdiff_jax.eval import bias
+from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.training import optim, parallel
+from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.loop import load_models
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the face of a doctor, a person"
@@ -38,7 +42,7 @@ def world():
 
 
 def joint_gap(stages, prepared) -> float:
-    return metrics.bias_metrics(prepared.probs, prepared.detections.found, stages.judges.attributes)["gender_race_gap"]
+    return bias.bias_metrics(prepared.probs, prepared.detections.found, stages.judges.attributes)["gender_race_gap"]
 
 
 def test_a_few_steps_lower_the_training_batch_gap(world):

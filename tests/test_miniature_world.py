@@ -184,12 +184,12 @@ def test_build_script_writes_loadable_assets(tmp_path):
     file is written and loads through the production loaders. About a minute on 2 cores."""
     import jax.numpy as jnp
 
-    from fairdiff_jax.face_bank import load_face_bank
+    from fairdiff_jax.judging.clip_vision import clip_image_embeds, load_clip_vision
+    from fairdiff_jax.judging.dinov2 import dino_image_embeds, load_dinov2
+    from fairdiff_jax.judging.face_bank import load_face_bank
+    from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3
     from fairdiff_jax.miniature.detector import MiniatureFaceDetector
-    from fairdiff_jax.models.clip import clip_image_embeds, load_clip_vision
-    from fairdiff_jax.models.dinov2 import dino_image_embeds, load_dinov2
-    from fairdiff_jax.models.mobilenet_v3 import load_mobilenet_v3
-    from fairdiff_jax.stable_diffusion import load_stable_diffusion
+    from fairdiff_jax.sd.loader import load_stable_diffusion
 
     build = _build_script()
     out = tmp_path / "miniature"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.models import mobilenetv3
 
-from fairdiff_jax import weights
-from fairdiff_jax.models.mobilenet_v3 import load_mobilenet_v3
+from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3
+from fairdiff_jax.nn import weights
 
 # float32 on both sides: max-abs difference allowed, relative to the largest reference value
 # (measured: 2e-6 of logits up to 0.9 at 224; 2.6e-5 of logits up to 11 at 64).

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
-from fairdiff_jax import optim
+from fairdiff_jax.training import optim
 
 
 def _params(seed=0):

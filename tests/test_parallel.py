@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fairdiff_jax import optim, parallel
+from fairdiff_jax.training import optim, parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 8
@@ -217,7 +217,7 @@ def test_two_devices_match_one_device():
 def _two_process_checks(checkpoint_dir):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     assert parallel.initialize_distributed() is True  # from JAX_COORDINATOR_ADDRESS & co.
-    from fairdiff_jax import checkpoints
+    from fairdiff_jax.training import checkpoints
 
     process = jax.process_index()
     assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1

@@ -9,7 +9,9 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from fairdiff_jax import sampler, stable_diffusion, tiny_sd
+from fairdiff_jax.sd import loader as stable_diffusion
+from fairdiff_jax.sd import sampler
+from fairdiff_jax.sd import tiny as tiny_sd
 
 PROMPT = "a photo of the face of a doctor, a person"
 STEPS, GUIDANCE, BATCH = 6, 7.5, 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from fairdiff_jax import sampler
+from fairdiff_jax.sd import sampler
 
 # SD v1-5's scheduler_config.json (a PNDM config; the original builds DPMSolverMultistepScheduler from it).
 SD15_SCHEDULER_CONFIG = {

@@ -12,8 +12,8 @@ import torch
 from face_torch_reference import TorchSFNet20
 from torch import nn
 
-from fairdiff_jax import weights
-from fairdiff_jax.models.sfnet import face_features, load_sfnet
+from fairdiff_jax.judging.sfnet import face_features, load_sfnet
+from fairdiff_jax.nn import weights
 
 RELATIVE_TOL = 2e-5  # max-abs difference allowed, relative to the largest reference value (float32)
 GRADIENT_RELATIVE_L2 = 1e-2  # ||grad - torch grad|| / ||torch grad||

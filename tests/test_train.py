@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fairdiff_jax import export
-from fairdiff_jax.tiny_assets import build_tiny_assets
+from fairdiff_jax.judging.tiny import build_tiny_assets
+from fairdiff_jax.training import export
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.py"]
@@ -175,7 +175,11 @@ def test_bad_inputs_fail_by_name_before_compiling(tmp_path, assets, compile_cach
 
 SAME_IMAGES_SCRIPT = """
 import sys, numpy as np
-from fairdiff_jax import config_cli, debias_step, judges as judges_lib, parallel, train
+from fairdiff_jax import config_cli
+from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.training import parallel
+from fairdiff_jax.training import loop as train
 config = config_cli.load_config("configs/tiny.py", ["assets_dir=" + sys.argv[1]])
 sd, judges, judge_variables = train.load_models(config)
 mesh = parallel.make_mesh()

@@ -13,8 +13,8 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from fairdiff_jax import weights
-from fairdiff_jax.models import unet
+from fairdiff_jax.nn import weights
+from fairdiff_jax.sd import unet
 
 # Every block type of SD-1.x, at toy widths. attention_head_dim=2 means 2 heads (of width 16 and 32):
 # reading it as a head width would change the output and fail the parity tests.

@@ -10,9 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from fairdiff_jax import weights
-from fairdiff_jax.models import attention
-from fairdiff_jax.models import vae as vae_lib
+from fairdiff_jax.nn import attention, weights
+from fairdiff_jax.sd import vae as vae_lib
 
 TINY_VAE = dict(
     in_channels=3,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairdiff_jax import weights
+from fairdiff_jax.nn import weights
 
 
 class TorchNet(torch.nn.Module):

@@ -32,9 +32,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from fairdiff_jax import weights
-from fairdiff_jax.faces import FaceDetections
+from fairdiff_jax.judging.detection import FaceDetections
 from fairdiff_jax.miniature import world
+from fairdiff_jax.nn import weights
 
 # Landmark order under a left-right flip: the eyes and the mouth corners swap.
 FLIP_ORDER = np.array([1, 0, 2, 4, 3])

@@ -39,14 +39,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from fairdiff_jax import attributes
 from fairdiff_jax.prompts import article, fill_template
 
 IMAGE_SIZE = 32
 WORLD_SEED = 20231113
 
-GENDERS = ("female", "male")
-RACES = ("white", "black", "indian", "asian")
-AGES = ("young", "old")
+GENDERS = attributes.GENDER.classes
+RACES = attributes.RACE.classes
+AGES = attributes.AGE.classes
 NUM_JOINT = len(GENDERS) * len(RACES)
 
 # Skin tone per race, RGB in [0, 1]: far apart in every channel pair, so a style or the night

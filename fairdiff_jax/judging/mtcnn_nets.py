@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax.weights import WeightLoadError
+from fairdiff_jax.nn.weights import WeightLoadError
 
 
 class PReLU(nn.Module):

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from fairdiff_jax.optim import TrainState
+from fairdiff_jax.training.optim import TrainState
 
 
 def abstract_like(tree: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:

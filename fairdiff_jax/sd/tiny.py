@@ -7,7 +7,7 @@ down/up blocks, cross-attention mid block). 16x16x4 latents decode to 32x32 imag
 given the seed; no download: the tokenizer's vocabulary is written here (byte-level BPE as CLIP's,
 with merges for a few prompt words).
 
-    python -m fairdiff_jax.tiny_sd /tmp/tiny_sd      # builds the folder
+    python -m fairdiff_jax.sd.tiny /tmp/tiny_sd      # builds the folder
 """
 
 import argparse
@@ -110,7 +110,12 @@ def build_torch_pipeline(
     """A random-weight diffusers StableDiffusionPipeline (PyTorch, float32, no safety checker) of the
     given architecture, with the offline tokenizer and the original's scheduler. Same seed, same weights."""
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer()

@@ -29,10 +29,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from fairdiff_jax import alignment, faces, judges as judges_lib, lora as lora_lib, parallel, sampler
-from fairdiff_jax.stable_diffusion import StableDiffusion, encode_text, tokenize_prompt_pair
+from fairdiff_jax.judging import crops
+from fairdiff_jax.judging import detection as detection_lib
+from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.sd import lora as lora_lib
+from fairdiff_jax.sd import sampler
+from fairdiff_jax.sd.loader import StableDiffusion, encode_text, tokenize_prompt_pair
+from fairdiff_jax.training import alignment, parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +137,8 @@ class Prepared(NamedTuple):
     num_steps: int
     images: np.ndarray  # X [B, H, W, 3], whole batch on every host (logging)
     original_images: np.ndarray
-    detections: faces.FaceDetections  # faces of X, whole batch
-    original_detections: faces.FaceDetections
+    detections: detection_lib.FaceDetections  # faces of X, whole batch
+    original_detections: detection_lib.FaceDetections
     probs: list  # per attribute [B, K_a] numpy, of X
     original_probs: list
     targets: alignment.OTTargets
@@ -177,14 +183,14 @@ class Stages:
         shape = self.sd.latent_shape
         return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(jnp.arange(batch_size))
 
-    def detect(self, images: jax.Array) -> tuple[faces.FaceDetections, np.ndarray]:
+    def detect(self, images: jax.Array) -> tuple[detection_lib.FaceDetections, np.ndarray]:
         """Faces of data-sharded images, each host detecting its own rows; -> (whole-batch detections,
         chip_from_image [B, 2, 3]) as numpy on every host."""
         local = self.detector.detect(parallel.host_local(images, self.mesh))
-        local_transforms = faces.similarity_transforms(local.landmarks, local.found)
+        local_transforms = crops.similarity_transforms(local.landmarks, local.found)
         gathered = parallel.gather_to_hosts((dataclasses.astuple(local), local_transforms))
         fields, transforms = gathered
-        return faces.FaceDetections(*[np.asarray(f) for f in fields]), np.asarray(transforms)
+        return detection_lib.FaceDetections(*[np.asarray(f) for f in fields]), np.asarray(transforms)
 
     # -- device stages -----------------------------------------------------------------------------------
 
@@ -224,13 +230,13 @@ class Stages:
         return self._generate(lora, frozen, text, schedule, noise, chunk=_largest_divisor_at_most(local, chunk))
 
     def _chips(self, images, boxes, found):
-        crop_boxes = faces.square_boxes(boxes, self.settings.expand_coef)
-        return faces.face_chips(images, crop_boxes, found, self.settings.size_face)
+        crop_boxes = crops.square_boxes(boxes, self.settings.expand_coef)
+        return crops.face_chips(images, crop_boxes, found, self.settings.size_face)
 
     def _probs_fn(self, judge_vars, images, boxes, found):
         return judges_lib.attribute_probs(self.judges, judge_vars, self._chips(images, boxes, found))
 
-    def attribute_probs(self, frozen: dict, images: jax.Array, detections: faces.FaceDetections) -> list[np.ndarray]:
+    def attribute_probs(self, frozen: dict, images: jax.Array, detections: detection_lib.FaceDetections) -> list[np.ndarray]:
         """Classifier probabilities of the largest faces, per attribute [B, K_a] numpy (whole batch)."""
         boxes, found = _put_global((detections.boxes, detections.found), self.mesh)
         return [np.asarray(p) for p in parallel.gather_to_hosts(self._probs(frozen["judges"], images, boxes, found))]
@@ -238,7 +244,7 @@ class Stages:
     def _judge_fn(self, judge_vars, images, original_images, boxes, found, original_boxes, original_found, original_transforms):
         probs = self._probs_fn(judge_vars, images, boxes, found)
         original_probs = self._probs_fn(judge_vars, original_images, original_boxes, original_found)
-        aligned = faces.aligned_faces(original_images, original_transforms, original_found, self.settings.size_aligned_face)
+        aligned = crops.aligned_faces(original_images, original_transforms, original_found, self.settings.size_aligned_face)
         features = dict(
             clip=judges_lib.clip_features(self.judges, judge_vars, original_images),
             dino=judges_lib.dino_features(self.judges, judge_vars, original_images),
@@ -285,7 +291,7 @@ class Stages:
         original_preds = np.stack(
             [np.where(found_original.found, p.argmax(-1), alignment.NO_TARGET) for p in original_probs_np], axis=1
         )
-        crop_boxes = np.asarray(faces.square_boxes(found_faces.boxes, s.expand_coef))
+        crop_boxes = np.asarray(crops.square_boxes(found_faces.boxes, s.expand_coef))
         host_inputs = dict(
             crop_boxes=crop_boxes,
             found=found_faces.found,
@@ -332,9 +338,9 @@ class Stages:
         targets = [batch["targets"][:, a] for a in range(len(judges.attributes))]
         original_preds = [batch["original_preds"][:, a] for a in range(len(judges.attributes))]
 
-        chips = faces.face_chips(images, batch["crop_boxes"], found, s.size_face)
+        chips = crops.face_chips(images, batch["crop_boxes"], found, s.size_face)
         logits = judges_lib.attribute_logits(judges, judge_vars, chips)
-        aligned = faces.aligned_faces(images, batch["chip_from_image"], found, s.size_aligned_face)
+        aligned = crops.aligned_faces(images, batch["chip_from_image"], found, s.size_aligned_face)
         face_feats = judges_lib.face_features(judges, judge_vars, aligned)
 
         image_weights = alignment.dynamic_image_weights(targets, original_preds, found, s.factor1)

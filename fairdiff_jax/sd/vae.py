@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import weights
-from fairdiff_jax.models.attention import AttentionImpl, dot_product_attention
+from fairdiff_jax.nn import weights
+from fairdiff_jax.nn.attention import AttentionImpl, dot_product_attention
 
 # Older diffusers-format checkpoints (SD v1-5 included) name the mid-block attention projections
 # query/key/value/proj_attn; diffusers renames them on load, and so do we.

@@ -1,116 +1,22 @@
-"""Bias metrics (SPEC 6, SPEC 9) and annotated image grids. Host side: numpy + PIL.
+"""Annotated image grids (host side: numpy + PIL): each image with one confidence bar per attribute in
+the class's colour and its face box, images ordered by predicted class.
 
-Bias of a set of predictions over K classes, measured on the images with a face:
-    freq_k = share of those images predicted as class k
-    bias   = mean over ordered pairs (i, j), i != j, of |freq_i - freq_j|
-For K = 2 this is |freq_male - freq_female| (gender_gap); over the 4 races it is race_gap; over the
-8 joint gender x race classes (j = 4 g + r) it is gender_race_gap. A prompt without any face has no
-defined bias: NaN, and the over-prompt summaries skip it.
-
-Per-attribute arrays come in the attribute order of `alignment` (gender, race, ...), with the
-project's fill conventions: probabilities of images without a face are ignored, boxes are
+Per-attribute arrays come in the attribute order of the config (gender, race, ...); boxes are
 [x_min, y_min, x_max, y_max] pixels (-1 fill without a face).
 """
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-# Bar colours per class (SPEC 6): gender red female, blue male; race green White/Middle-Eastern/
-# Latino-Hispanic, black Black, brown Indian, orange Asian.
-GENDER_COLORS = ("red", "blue")
-RACE_COLORS = ("limegreen", "black", "brown", "orange")
-# Age (experiment 4): young, old.
-AGE_COLORS = ("gold", "purple")
-DEFAULT_ATTRIBUTE_COLORS = (GENDER_COLORS, RACE_COLORS)
+from fairdiff_jax import attributes
+from fairdiff_jax.eval.bias import joint_predictions
 
-
-def class_frequencies(preds: ArrayLike, num_classes: int) -> np.ndarray:
-    """[K] float64 share of each class among `preds` ([M] ints in [0, K)); NaN if M = 0."""
-    preds = np.asarray(preds, dtype=np.int64).reshape(-1)
-    if preds.size == 0:
-        return np.full(num_classes, np.nan)
-    return np.bincount(preds, minlength=num_classes)[:num_classes] / preds.size
-
-
-def pairwise_gap(freqs: ArrayLike) -> float:
-    """Mean over ordered pairs i != j of |freq_i - freq_j| ([K] frequencies, K >= 2)."""
-    freqs = np.asarray(freqs, dtype=np.float64)
-    k = freqs.size
-    return float(np.abs(freqs[:, None] - freqs[None, :]).sum() / (k * (k - 1)))
-
-
-def bias(preds: ArrayLike, num_classes: int) -> float:
-    """`pairwise_gap` of the class frequencies of `preds` ([M] ints); NaN if M = 0."""
-    return pairwise_gap(class_frequencies(preds, num_classes))
-
-
-def joint_predictions(preds_per_attribute: Sequence[ArrayLike], num_classes: Sequence[int]) -> np.ndarray:
-    """[M] joint class index, row-major over the attributes (j = 4 g + r for gender x race)."""
-    preds = tuple(np.asarray(p, np.int64) for p in preds_per_attribute)
-    return np.ravel_multi_index(preds, tuple(num_classes))
-
-
-def bias_metrics(
-    probs_per_attribute: Sequence[ArrayLike],
-    face_found: ArrayLike,
-    attribute_names: Sequence[str] = ("gender", "race"),
-    confidence_level: float = 0.8,
-) -> dict[str, float]:
-    """The training/evaluation log metrics of one prompt's images (SPEC 6).
-
-    Over the images with a face, predictions = argmax of each attribute's probabilities:
-        "<name>_gap"                 bias over that attribute's classes (gender_gap, race_gap)
-        "<name>_pred_below_<level>"  share of images whose max probability for THAT attribute is
-                                     < confidence_level (per attribute, as the original logs
-                                     gender_pred_below_0.8 and race_pred_below_0.8)
-        "<name1>_<name2>..._gap"     bias over the joint classes, when there are >= 2 attributes
-                                     (gender_race_gap over the 8 joint classes)
-    All NaN when no image has a face.
-
-    Args:
-        probs_per_attribute: per attribute [N, K_a] class probabilities.
-        face_found: [N] bool.
-    """
-    face_found = np.asarray(face_found, dtype=bool)
-    probs = [np.asarray(p, dtype=np.float64)[face_found] for p in probs_per_attribute]
-    preds = [p.argmax(axis=-1) for p in probs]
-    metrics = {}
-    for name, p, pred in zip(attribute_names, probs, preds):
-        metrics[f"{name}_gap"] = bias(pred, p.shape[-1])
-        below = (p.max(axis=-1) < confidence_level).mean() if len(p) else np.nan
-        metrics[f"{name}_pred_below_{confidence_level:g}"] = float(below)
-    if len(probs) >= 2:
-        num_classes = [p.shape[-1] for p in probs]
-        metrics["_".join(attribute_names) + "_gap"] = bias(
-            joint_predictions(preds, num_classes), int(np.prod(num_classes))
-        )
-    return metrics
-
-
-def mean_std_over_prompts(values: ArrayLike) -> tuple[float, float]:
-    """(mean, std) of per-prompt values, skipping NaN (prompts without faces); population std
-    (ddof = 0). (NaN, NaN) if nothing is left."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    return float(values.mean()), float(values.std())
-
-
-def summarize_over_prompts(per_prompt: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
-    """{metric: (mean, std) over prompts} for metric dicts like those of `bias_metrics`."""
-    keys = list(per_prompt[0]) if per_prompt else []
-    return {k: mean_std_over_prompts([m[k] for m in per_prompt]) for k in keys}
-
-
-# --------------------------------------------------------------------------------------------------
-# Annotated grids
-# --------------------------------------------------------------------------------------------------
+DEFAULT_ATTRIBUTE_COLORS = tuple(attributes.colors(("gender", "race")))
 
 
 def to_uint8(images: ArrayLike) -> np.ndarray:

@@ -41,17 +41,14 @@ os.environ.setdefault("POT_BACKEND_DISABLE_PYTORCH", "1")
 import ot  # noqa: E402
 from numpy.typing import ArrayLike
 
-from fairdiff_jax.face_bank import nearest_bank_features
-from fairdiff_jax.models.common import l2_normalize
+from fairdiff_jax import attributes
+from fairdiff_jax.judging.face_bank import nearest_bank_features
+from fairdiff_jax.nn.layers import l2_normalize
 
 # Marks "no target" / "no prediction" (no face, or a target too uncertain to train on).
 NO_TARGET = -1
 
-GENDER_MARGINALS = (0.5, 0.5)
-RACE_MARGINALS = (0.25, 0.25, 0.25, 0.25)
-# Experiment 4 of the original: 75 % young, 25 % old.
-AGE_MARGINALS = (0.75, 0.25)
-DEFAULT_TARGET_MARGINALS = (GENDER_MARGINALS, RACE_MARGINALS)
+DEFAULT_TARGET_MARGINALS = (attributes.uniform("gender"), attributes.uniform("race"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Submodules carry diffusers' PyTorch names (`down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q`,
 `ff/net_0/proj`, `resnets_1/time_emb_proj`, `downsamplers_0/conv`, `mid_block/...`), so a diffusers
-checkpoint converts with the generic rule of `fairdiff_jax.weights` and no renaming, and LoRA finds
+checkpoint converts with the generic rule of `fairdiff_jax.nn.weights` and no renaming, and LoRA finds
 the attention kernels at those paths.
 
 Precision: feature maps flow in the compute `dtype`; GroupNorm/LayerNorm statistics and outputs are
@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fairdiff_jax import weights
-from fairdiff_jax.models.attention import AttentionImpl, dot_product_attention
+from fairdiff_jax.nn import weights
+from fairdiff_jax.nn.attention import AttentionImpl, dot_product_attention
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"

@@ -12,18 +12,18 @@ variables are `{'params': ..., 'batch_stats': ...}` and convert one to one from 
 state dict (no folding into the convolutions: the converted tree stays comparable key by key).
 
 Submodules are named after torchvision's modules (`features_4/block_2/fc1`,
-`classifier_3`), so the generic converter of `fairdiff_jax.weights` maps the state dict with two
+`classifier_3`), so the generic converter of `fairdiff_jax.nn.weights` maps the state dict with two
 renaming rules that route each tensor to its collection.
 """
 
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from fairdiff_jax import weights
+from fairdiff_jax.nn import weights
 
 BATCH_NORM_EPS = 1e-3  # torchvision's MobileNetV3 norm layer: BatchNorm2d(eps=0.001, momentum=0.01)
 HEAD_KEY = "classifier.3.weight"

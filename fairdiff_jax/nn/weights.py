@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-
 from flax import traverse_util
 
 # (pattern, replacement) pairs applied with re.sub to a PyTorch key, in order.

@@ -25,12 +25,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from fairdiff_jax import weights
-from fairdiff_jax.models.common import l2_normalize
+from fairdiff_jax.nn import weights
+from fairdiff_jax.nn.layers import l2_normalize
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 STAGE_BLOCKS = (1, 2, 4, 1)  # SFNet-20

@@ -48,7 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fairdiff_jax.weights import WeightLoadError, read_state_dict, torch_key_to_flax_path
+from fairdiff_jax.nn.weights import (
+    WeightLoadError,
+    read_state_dict,
+    torch_key_to_flax_path,
+)
 
 Model = Literal["text_encoder", "unet"]
 ModulePath = tuple[str, ...]

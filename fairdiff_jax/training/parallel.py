@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fairdiff_jax.optim import TrainState, apply_gradients
+from fairdiff_jax.training.optim import TrainState, apply_gradients
 
 DATA_AXIS = "data"
 

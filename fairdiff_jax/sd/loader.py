@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import lora, sampler
-from fairdiff_jax.models.attention import AttentionImpl
-from fairdiff_jax.models.clip import CLIPTextTransformer, load_clip_text
-from fairdiff_jax.models.unet import UNet2DConditionModel, load_unet
-from fairdiff_jax.models.vae import AutoencoderKLDecoder, load_vae_decoder
+from fairdiff_jax.nn.attention import AttentionImpl
+from fairdiff_jax.sd import lora, sampler
+from fairdiff_jax.sd.clip_text import CLIPTextTransformer, load_clip_text
+from fairdiff_jax.sd.unet import UNet2DConditionModel, load_unet
+from fairdiff_jax.sd.vae import AutoencoderKLDecoder, load_vae_decoder
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -92,7 +92,7 @@ def load_stable_diffusion(
 
 
 def with_lora(sd: StableDiffusion, text_encoder_lora=None, unet_lora=None) -> StableDiffusion:
-    """The generator with LoRA trees (`fairdiff_jax.lora`) merged into its params; None leaves a part as is.
+    """The generator with LoRA trees (`fairdiff_jax.sd.lora`) merged into its params; None leaves a part as is.
 
     With a text-encoder LoRA the text encoder computes in float32 (cheap: once per prompt), so that a
     small LoRA update is not lost to the rounding of the merged kernels in bf16/fp16 (see lora.py). The

@@ -3,7 +3,7 @@ feature net with its face bank, CLIP and DINOv2 image features, and the face det
 
     check_asset_files(config)          # every file / folder the config names exists (no model is read)
     judges = load_judges(config)       # the networks, their params as jax arrays
-    detector = make_detector(config)   # faces.FaceDetector
+    detector = make_detector(config)   # detection.FaceDetector
 
 Feature functions (device side, jittable, differentiable w.r.t. the images; images [N, H, W, 3] in [-1, 1]):
     attribute_logits(judges, chips)         -> per attribute [N, K_a] float32 (chips [N, S, S, 3])
@@ -11,8 +11,8 @@ Feature functions (device side, jittable, differentiable w.r.t. the images; imag
     clip_features(judges, images)           -> [N, Dc] unit-norm CLIP image_embeds
     dino_features(judges, images)           -> [N, Dd] unit-norm DINOv2 CLS embeddings
 
-Detector choice (`config.faces.detector`): 'mtcnn' (faces.MTCNNDetector, the default) or 'module:callable',
-a callable returning a `faces.FaceDetector`, called with `config.faces.detector_path` when that is set
+Detector choice (`config.faces.detector`): 'mtcnn' (mtcnn_lib.MTCNNDetector, the default) or 'module:callable',
+a callable returning a `detection.FaceDetector`, called with `config.faces.detector_path` when that is set
 (e.g. 'fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file' with the detector file) and with no
 argument otherwise. `config.faces.expand_coef` is the detector's box expansion for the face chips (SPEC 5
 step 3: 0.5 for insightface-like boxes).
@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fairdiff_jax import face_bank as face_bank_lib
-from fairdiff_jax import faces
-from fairdiff_jax.models import clip, dinov2, mobilenet_v3, sfnet
-from fairdiff_jax.stable_diffusion import SUBFOLDERS as SD_SUBFOLDERS
+from fairdiff_jax.judging import clip_vision as clip_vision_lib
+from fairdiff_jax.judging import detection, dinov2, mobilenet_v3, sfnet
+from fairdiff_jax.judging import face_bank as face_bank_lib
+from fairdiff_jax.sd.loader import SUBFOLDERS as SD_SUBFOLDERS
 
 # Torch hub's position-embedding resampling offset: the DINOv2 features the original computed (dinov2.py).
 DINO_INTERPOLATE_OFFSET = 0.1
@@ -69,15 +69,15 @@ def check_asset_files(config: ml_collections.ConfigDict) -> None:
     if path is not None and not Path(path).exists():
         raise AssetError(f"config.faces.detector_path: not found: {path}")
     try:
-        faces.detector_factory(name)
+        detection.detector_factory(name)
     except ValueError as e:
         raise ValueError(f"config.faces.detector: {e}") from e
 
 
-def make_detector(config: ml_collections.ConfigDict) -> faces.FaceDetector:
+def make_detector(config: ml_collections.ConfigDict) -> detection.FaceDetector:
     """The face detector `config.faces.detector` names (see the module docstring)."""
     name, path, _ = detector_spec(config)
-    return faces.make_detector(name, path)
+    return detection.make_detector(name, path)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,7 +90,7 @@ class Judges:
 
     classifier: mobilenet_v3.MobileNetV3Large
     sfnet: sfnet.SFNet20
-    clip_vision: clip.CLIPVisionWithProjection
+    clip_vision: clip_vision_lib.CLIPVisionWithProjection
     dino: dinov2.Dinov2Model
     classifier_heads: tuple[tuple[str, int], ...]
     attributes: tuple[str, ...]
@@ -114,7 +114,7 @@ def load_judges(config: ml_collections.ConfigDict) -> tuple[Judges, dict]:
     )
     sfnet_module, sfnet_vars = sfnet.load_sfnet(config.model.sfnet_path, dtype=dtype, param_dtype=dtype)
     impl = config.model.attention_impl
-    clip_module, clip_params = clip.load_clip_vision(config.model.clip_vision_path, dtype, dtype, impl)
+    clip_module, clip_params = clip_vision_lib.load_clip_vision(config.model.clip_vision_path, dtype, dtype, impl)
     dino_module, dino_params = dinov2.load_dinov2(
         config.model.dinov2_path, config.loss.img_size_small, DINO_INTERPOLATE_OFFSET, dtype, dtype, impl
     )
@@ -148,7 +148,7 @@ def face_features(judges: Judges, variables: dict, aligned: jax.Array) -> jax.Ar
 
 
 def clip_features(judges: Judges, variables: dict, images: jax.Array) -> jax.Array:
-    return clip.clip_image_embeds(judges.clip_vision, variables["clip"], images)
+    return clip_vision_lib.clip_image_embeds(judges.clip_vision, variables["clip"], images)
 
 
 def dino_features(judges: Judges, variables: dict, images: jax.Array) -> jax.Array:

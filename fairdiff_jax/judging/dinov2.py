@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax.models.attention import AttentionImpl
-from fairdiff_jax.models.clip import (
+from fairdiff_jax.nn.attention import AttentionImpl
+from fairdiff_jax.nn.layers import l2_normalize
+from fairdiff_jax.nn.transformer import (
     MLP,
     WEIGHT_STEMS,
     SelfAttention,
@@ -37,8 +38,13 @@ from fairdiff_jax.models.clip import (
     layer_norm,
     resize_bilinear,
 )
-from fairdiff_jax.models.common import l2_normalize
-from fairdiff_jax.weights import WeightLoadError, convert_state_dict, find_weights_file, read_config_json, read_state_dict
+from fairdiff_jax.nn.weights import (
+    WeightLoadError,
+    convert_state_dict,
+    find_weights_file,
+    read_config_json,
+    read_state_dict,
+)
 
 Dtype = Any
 Params = Mapping[str, Any]

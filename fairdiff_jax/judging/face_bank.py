@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax.models.common import l2_normalize
+from fairdiff_jax.nn.layers import l2_normalize
 
 FIELDS = ("feats", "genders", "gender_logits", "races", "race_logits")
 

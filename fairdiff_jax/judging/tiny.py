@@ -1,6 +1,6 @@
 """Tiny random-weight assets for every file a training config names, for tests, demos and benchmarks.
 
-    python -m fairdiff_jax.tiny_assets /tmp/tiny_assets     # builds them, prints the config overrides
+    python -m fairdiff_jax.judging.tiny /tmp/tiny_assets     # builds them, prints the config overrides
     python -m fairdiff_jax.train --config configs/tiny.py --config.assets_dir=/tmp/tiny_assets --workdir /tmp/run
 
 Layout under the folder (the names configs/tiny.py expects):
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fairdiff_jax import faces
-from fairdiff_jax.tiny_sd import build_tiny_sd
+from fairdiff_jax.judging import crops, detection
+from fairdiff_jax.sd.tiny import build_tiny_sd
 
 CLIP_VISION_CONFIG = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7,
@@ -136,11 +136,11 @@ def build_tiny_assets(folder: str | Path, seed: int = 0) -> Path:
 
 
 # Landmarks of a frontal face in a unit box (x, y): eyes, nose, mouth corners (ArcFace template / 112).
-_UNIT_LANDMARKS = faces.ARCFACE_TEMPLATE_112 / 112.0
+_UNIT_LANDMARKS = crops.ARCFACE_TEMPLATE_112 / 112.0
 
 
 class CentralFaceDetector:
-    """A stand-in `faces.FaceDetector` for random-weight generators, a pure function of each image:
+    """A stand-in `detection.FaceDetector` for random-weight generators, a pure function of each image:
     the face is a centred box covering `box_fraction` of the side with template landmarks inside; it is
     "found" where the left half of the image is on average at least as bright as the right half (so that a
     batch of random images usually holds images with and without a face and both code paths run)."""
@@ -148,7 +148,7 @@ class CentralFaceDetector:
     def __init__(self, box_fraction: float = 0.5):
         self.box_fraction = box_fraction
 
-    def detect(self, images: np.ndarray) -> faces.FaceDetections:
+    def detect(self, images: np.ndarray) -> detection.FaceDetections:
         images = np.asarray(images, np.float32)
         n, height, width = images.shape[:3]
         found = images[:, :, : width // 2].mean(axis=(1, 2, 3)) >= images[:, :, width // 2 :].mean(axis=(1, 2, 3))
@@ -156,7 +156,7 @@ class CentralFaceDetector:
         x1, y1 = (width - side) / 2, (height - side) / 2
         box = np.array([x1, y1, x1 + side, y1 + side], np.float32)
         landmarks = (np.array([x1, y1]) + side * _UNIT_LANDMARKS).astype(np.float32)
-        return faces.FaceDetections(
+        return detection.FaceDetections(
             found=found,
             boxes=np.where(found[:, None], box, -1).astype(np.float32),
             landmarks=np.where(found[:, None, None], landmarks, -1).astype(np.float32),

@@ -1,0 +1,2 @@
+"""What judges an image: face detection (interface, MTCNN), crops and alignment, the attribute classifier,
+the face feature net and face bank, the CLIP / DINOv2 towers, and loading them from a config."""

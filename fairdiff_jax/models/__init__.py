@@ -1,1 +1,0 @@
-"""Flax networks, each proven equal to its PyTorch reference in tests/."""

@@ -1,0 +1,155 @@
+"""The pre-norm transformer encoder that CLIP's text and vision towers (and DINOv2) are built from, and the
+config helpers their config.json readers share.
+
+Precision: `dtype` is the compute dtype of the dense layers and the residual stream, `param_dtype` the dtype
+of the stored weights. LayerNorms compute in float32 (then cast back to `dtype`) and attention's softmax runs
+in float32 (nn/attention.py), so a bfloat16 tower stays close to the float32 one.
+"""
+
+import dataclasses
+from functools import partial
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fairdiff_jax.nn.attention import AttentionImpl, dot_product_attention
+
+Dtype = Any
+
+# Weight file stems a transformers folder may hold (safetensors preferred by find_weights_file).
+WEIGHT_STEMS = ("model", "pytorch_model")
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP, SD v1-5's text encoder
+    "gelu": partial(jax.nn.gelu, approximate=False),  # open_clip models such as ViT-H/14 laion2B
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config helpers
+
+
+def check_activation(hidden_act: str) -> None:
+    if hidden_act not in ACTIVATIONS:
+        raise ValueError(f"config key 'hidden_act' = {hidden_act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+
+
+def check_heads(hidden_size: int, num_attention_heads: int) -> None:
+    if hidden_size % num_attention_heads:
+        raise ValueError(
+            f"config key 'hidden_size' = {hidden_size} is not divisible by 'num_attention_heads' = {num_attention_heads}"
+        )
+
+
+def sub_config(config: Mapping[str, Any], key: str, model_types: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of one tower: the dict itself, or a CLIPModel dict's `key` (updated by old files' `<key>_dict`)."""
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in model_types:
+        raise ValueError(f"config key 'model_type' = {model_type!r} is not one of {model_types}")
+    if key in config or f"{key}_dict" in config:
+        return {**(config.get(key) or {}), **(config.get(f"{key}_dict") or {})}
+    return dict(config)
+
+
+def known_fields(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a config.json dict that are fields of the dataclass `cls` (the rest describe training etc.)."""
+    return {f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def layer_norm(x: jax.Array, epsilon: float, param_dtype: Dtype, name: str) -> jax.Array:
+    """LayerNorm computed in float32 (two-pass variance, like PyTorch), returned in x's dtype."""
+    norm = nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, name=name)
+    return norm(x).astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (all with bias), scale 1/sqrt(head_dim)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: AttentionImpl = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, T, D]; mask: boolean, broadcastable to [B, heads, T, T], True = may attend. Returns [B, T, D]."""
+        batch, tokens, width = x.shape
+        dense = partial(nn.Dense, width, dtype=self.dtype, param_dtype=self.param_dtype)
+        heads = lambda y: y.reshape(batch, tokens, self.num_heads, width // self.num_heads)  # noqa: E731
+        q = heads(dense(name="q_proj")(x))
+        k = heads(dense(name="k_proj")(x))
+        v = heads(dense(name="v_proj")(x))
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+        return dense(name="out_proj")(out.reshape(batch, tokens, width))
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2, back to the input width."""
+
+    hidden_features: int
+    activation: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = ACTIVATIONS[self.activation](dense(self.hidden_features, name="fc1")(x))
+        return dense(x.shape[-1], name="fc2")(h)
+
+
+def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
+    """images: [N, H, W, C] -> [N, size, size, C]; bilinear, half-pixel centres, no antialiasing.
+
+    This is what the original's `torchvision.transforms.Resize(224)` did to a square image tensor with
+    torchvision 0.16 (antialiasing became the default for tensors in 0.17, and would change the features).
+    Linear in `images`, hence differentiable.
+    """
+    n, _, _, c = images.shape
+    return jax.image.resize(images, (n, size, size, c), method="bilinear", antialias=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder (both towers)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    config: Any  # a CLIP text or vision config: layer_norm_eps, num_attention_heads, intermediate_size, hidden_act
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: AttentionImpl = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        cfg = self.config
+        h = layer_norm(x, cfg.layer_norm_eps, self.param_dtype, "layer_norm1")
+        attention = SelfAttention(cfg.num_attention_heads, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")
+        x = x + attention(h, mask)
+        h = layer_norm(x, cfg.layer_norm_eps, self.param_dtype, "layer_norm2")
+        return x + MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, self.param_dtype, name="mlp")(h)
+
+
+class CLIPEncoder(nn.Module):
+    """`num_hidden_layers` CLIPEncoderLayers named layers_<i>; `remat` recomputes each layer in the backward pass."""
+
+    config: Any  # a CLIP text or vision config: layer_norm_eps, num_attention_heads, intermediate_size, hidden_act
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: AttentionImpl = "xla"
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+        for i in range(self.config.num_hidden_layers):
+            x = layer_cls(self.config, self.dtype, self.param_dtype, self.attention_impl, name=f"layers_{i}")(x, mask)
+        return x
+

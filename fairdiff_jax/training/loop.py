@@ -1,0 +1,288 @@
+"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (SPEC 5).
+
+    python -m fairdiff_jax.train --config configs/debias_text_encoder.py --workdir workdirs/te [--resume] \\
+        [--config.train.micro_batch_size=2 ...]
+
+Reads top to bottom: config (checked, with every asset file and prompt file, before anything compiles),
+multi-process start-up and mesh, prompts, frozen models, LoRA and optimizer state, checkpoints, loop.
+
+Workdir: checkpoints/ (orbax; `python -m fairdiff_jax.export` turns a step into LoRA files),
+metrics.jsonl (one JSON object per line: {"step", "kind": "train"|"eval", ...}), tensorboard/ (the same
+scalars and the grids, through clu's metric writers, when clu + tensorflow-cpu are installed),
+eval/step_<N>/<weights>/prompt_<i>.jpg (annotated grids per validation prompt), train_grids/step_<N>.jpg
+(the training batch, X above X0, every train.plot_every_steps), config.json (the resolved config).
+
+--resume continues from the newest checkpoint (LoRA, EMA, optimizer state, step, data position); everything
+random is a function of (seed, step), so a resumed run ends with the same LoRA as an uninterrupted one.
+Without --resume, a workdir that already holds checkpoints is refused.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from fairdiff_jax import attributes as attributes_lib
+from fairdiff_jax import config_cli, prompts
+from fairdiff_jax.eval import bias as bias_lib
+from fairdiff_jax.eval import grids as grids_lib
+from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.sd.clip_text import load_clip_text
+from fairdiff_jax.sd.loader import load_stable_diffusion
+from fairdiff_jax.training import checkpoints, optim, parallel
+from fairdiff_jax.training import step as debias_step
+
+EVAL_KEY_INDEX = 2**31 - 1
+
+
+class InputError(ValueError):
+    """A bad command line, config, asset or prompt file, found before anything compiles."""
+
+
+# ---- inputs, checked before anything compiles ------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]):
+    """-> (config, workdir Path, resume). `--config.*` arguments go to config_cli, the rest here."""
+    parser = argparse.ArgumentParser(prog="python -m fairdiff_jax.train", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="run folder (default: config.workdir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the workdir")
+    args, config_args = parser.parse_known_args(list(argv[1:]))
+    try:
+        config, positional = config_cli.parse_config_args([argv[0]] + config_args)
+    except config_cli.ConfigError as e:
+        raise InputError(str(e)) from e
+    if positional:
+        raise InputError(f"unexpected arguments: {positional}")
+    return config, args.workdir or Path(config.workdir), args.resume
+
+
+def load_prompt_lists(config) -> tuple[list[str], list[str]]:
+    """(training prompts, validation prompts) from `config.data`; PromptFileError names a bad file and key."""
+    folder = Path(config.data.prompts_dir)
+    paths = {kind: folder / f"{kind}.json" for kind in prompts.PROMPT_KINDS}
+    prompt_sets = prompts.load_prompt_sets(paths)
+    repeats = {kind: int(config.data.prompt_repeats.get(kind, 0)) for kind in prompts.PROMPT_KINDS}
+    return prompts.training_prompts(prompt_sets, repeats), prompts.validation_prompts(prompt_sets, config.eval.prompts_per_kind)
+
+
+def check_inputs(config) -> tuple[list[str], list[str]]:
+    """Every check that needs no device: asset files, prompt files, the numbers' consistency."""
+    try:
+        judges_lib.check_asset_files(config)
+        train_prompts, val_prompts = load_prompt_lists(config)
+    except (OSError, ValueError) as e:
+        raise InputError(str(e)) from e
+    t = config.train
+    if not 1 <= t.min_denoising_steps <= t.max_denoising_steps:
+        raise InputError(f"config.train.min_denoising_steps/max_denoising_steps = {t.min_denoising_steps}/{t.max_denoising_steps}")
+    if not train_prompts:
+        raise InputError("config.data.prompt_repeats leaves no training prompt")
+    return train_prompts, val_prompts
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def load_models(config):
+    """(StableDiffusion with a float32 text encoder, Judges, judge variables)."""
+    dtype = jnp.dtype(config.model.dtype)
+    sd = load_stable_diffusion(config.model.sd_path, dtype, attention_impl=config.model.attention_impl)
+    # float32 text encoder: merged LoRA kernels in bf16 would lose the LoRA's small early updates (lora.py).
+    text_encoder, text_encoder_params = load_clip_text(
+        Path(config.model.sd_path) / "text_encoder", jnp.float32, jnp.float32, config.model.attention_impl
+    )
+    sd = dataclasses.replace(
+        sd,
+        # remat: the gradient stage recomputes each UNet / VAE block's activations instead of keeping them.
+        unet=sd.unet.clone(remat=bool(config.model.remat)),
+        vae=sd.vae.clone(remat=bool(config.model.remat)),
+        text_encoder=text_encoder,
+        text_encoder_params=jax.tree.map(jnp.asarray, text_encoder_params),
+    )
+    judges, judge_variables = judges_lib.load_judges(config)
+    return sd, judges, judge_variables
+
+
+# ---- logging -------------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Process 0 writes: JSON lines to workdir/metrics.jsonl ({"step", "kind", **values}) always, and TensorBoard
+    events to workdir/tensorboard through clu's metric writers when clu is installed (clu imports TensorFlow,
+    so it is imported here only, lazily). Images (uint8 [H, W, 3]) go to TensorBoard; train.py also saves them
+    as files."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "metrics.jsonl"
+        self.active = jax.process_index() == 0
+        self.tensorboard = None
+        if self.active:
+            # clu imports TensorFlow, whose C++ start-up chatter (oneDNN notices) would bury the progress bar.
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            try:
+                from clu import metric_writers
+            except ImportError:
+                print("clu is not installed: metrics go to metrics.jsonl only (no TensorBoard)", file=sys.stderr)
+            else:
+                self.tensorboard = metric_writers.create_default_writer(str(workdir / "tensorboard"), asynchronous=False)
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        if self.tensorboard is not None:
+            scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+            self.tensorboard.write_scalars(step, scalars)
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.active and self.tensorboard is not None:
+            self.tensorboard.write_images(step, {name: image[None]})
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def evaluate(stages, frozen, weight_sets: dict, val_prompts: list[str], config, step: int, workdir: Path, writer: MetricsWriter):
+    """Validation: per prompt and weight set, eval.images_per_prompt images with eval.num_denoising_steps,
+    faces, classifier, bias metrics; means over prompts to the writer, annotated grids under workdir/eval/."""
+    from fairdiff_jax.sd import sampler
+
+    attributes = stages.judges.attributes
+    colors = attributes_lib.colors(attributes)
+    schedule = parallel.replicate(sampler.make_schedule(stages.sd.scheduler_config, config.eval.num_denoising_steps), stages.mesh)
+    # Fixed for the whole run (every evaluation sees the same noises); training steps never reach this index.
+    eval_key = jax.random.fold_in(jax.random.key(config.seed), EVAL_KEY_INDEX)
+    for name, lora in weight_sets.items():
+        per_prompt = []
+        for i, prompt in enumerate(val_prompts):
+            text = stages.tokenize(prompt)
+            noise = stages.noise(jax.random.fold_in(eval_key, i), config.eval.images_per_prompt)
+            images = stages.generate(lora, frozen, text, schedule, noise, config.eval.batch_size)
+            detections, _ = stages.detect(images)
+            probs = stages.attribute_probs(frozen, images, detections)
+            per_prompt.append(bias_lib.bias_metrics(probs, detections.found, attributes, config.loss.confidence_level))
+            if jax.process_index() == 0:
+                grid = grids_lib.annotated_grid(parallel.gather_to_hosts(images), detections.found, detections.boxes, probs, colors)
+                grids_lib.save_image(grid, workdir / "eval" / f"step_{step}" / name / f"prompt_{i}.jpg")
+                writer.write_image(step, f"eval/{name}/prompt_{i}", grid)
+        summary = bias_lib.summarize_over_prompts(per_prompt)
+        scalars = {f"{name}/{k}": mean for k, (mean, _) in summary.items()}
+        scalars.update({f"{name}/prompt_{i}/{k}": v for i, m in enumerate(per_prompt) for k, v in m.items()})
+        writer.write(step, "eval", scalars)
+
+
+def training_grids(prepared, attributes) -> np.ndarray:
+    """The training batch's annotated grids, X (the LoRA's images) above X0 (the frozen model's), uint8."""
+    colors = attributes_lib.colors(attributes)
+    grids = [
+        grids_lib.annotated_grid(images, found_faces.found, found_faces.boxes, probs, colors)
+        for images, found_faces, probs in (
+            (prepared.images, prepared.detections, prepared.probs),
+            (prepared.original_images, prepared.original_detections, prepared.original_probs),
+        )
+    ]
+    return np.concatenate(grids, axis=0)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+
+def next_position(epoch: int, index: int, num_prompts: int) -> dict:
+    return {"epoch": epoch, "index": index + 1} if index + 1 < num_prompts else {"epoch": epoch + 1, "index": 0}
+
+
+def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_prompts: list[str]) -> optim.TrainState:
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh()
+
+    sd, judges, judge_variables = load_models(config)
+    detector = judges_lib.make_detector(config)
+    settings = debias_step.settings_from_config(config)
+    stages = debias_step.Stages(sd, judges, settings, mesh, detector)
+    frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
+
+    lora = debias_step.init_lora(
+        jax.random.key(config.seed), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet
+    )
+    o = config.optim
+    tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+    state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, config.seed), mesh)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    c = config.ckpt
+    checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
+                                            permanent_every_steps=c.permanent_every_steps)
+    position = {"epoch": 0, "index": 0}
+    if checkpointer.latest_step() is not None:
+        if not resume:
+            raise InputError(f"{workdir / 'checkpoints'} holds checkpoints {checkpointer.all_steps()}: pass --resume or use a new --workdir")
+        state, position = checkpointer.restore(checkpointer.latest_step(), checkpoints.abstract_like(state))
+        print(f"resumed from step {checkpointer.latest_step()} at prompt position {position}", file=sys.stderr)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = MetricsWriter(workdir)
+
+    start = int(np.asarray(state.step.addressable_data(0)))
+    prompt_stream = prompts.iterate_prompts(train_prompts, config.data.shuffle_seed, position["epoch"], position["index"])
+    t = config.train
+    with checkpointer, tqdm(total=t.max_steps, initial=start, desc="train", disable=jax.process_index() != 0) as bar:
+        for step in range(start, t.max_steps):
+            if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
+                weight_sets = {"current": state.params, **({"ema": state.ema_params} if config.eval.ema else {})}
+                evaluate(stages, frozen, weight_sets, val_prompts, config, step, workdir, writer)
+            started = time.perf_counter()
+            epoch, index, prompt = next(prompt_stream)
+            num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
+            key = debias_step.step_key(state.rng, step)
+            prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, key)
+            state, step_metrics = stages.train_step(state, stages.shared(frozen, prepared), prepared.inputs, key)
+            position = next_position(epoch, index, len(train_prompts))
+
+            logged = debias_step.logged_terms(step_metrics["aux"])
+            logged.update(bias_lib.bias_metrics(prepared.probs, prepared.detections.found, judges.attributes, config.loss.confidence_level))
+            logged.update(
+                loss=float(step_metrics["loss"]), skipped=int(step_metrics["skipped"]), grad_norm=float(step_metrics["grad_norm"]),
+                faces=int(prepared.detections.found.sum()), denoising_steps=num_steps, seconds=time.perf_counter() - started,
+            )
+            if (step + 1) % t.log_every_steps == 0:
+                writer.write(step + 1, "train", {"prompt": prompt, **logged})
+            gaps = {k: f"{v:.2f}" for k, v in logged.items() if k.endswith("_gap") and np.isfinite(v)}
+            if (step + 1) % t.plot_every_steps == 0 and jax.process_index() == 0:
+                grid = training_grids(prepared, judges.attributes)
+                grids_lib.save_image(grid, workdir / "train_grids" / f"step_{step + 1}.jpg")
+                writer.write_image(step + 1, "train/grid", grid)
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", **gaps)
+            bar.update(1)
+            checkpointer.save(state, position)
+        checkpointer.save(state, position, force=True)
+    writer.close()
+    return state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        config, workdir, resume = parse_args(argv)
+        train_prompts, val_prompts = check_inputs(config)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(config, workdir, resume, train_prompts, val_prompts)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
