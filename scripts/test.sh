@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Sets up ./.venv (first run only) and runs the default test suite (slow tests skipped) on 2 workers.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` for the real-shape tests.
+# Sets up ./.venv (first run only), then runs the default test suite and after it the slow tests (the
+# real SD-1.5 / ViT-H shapes, resume and device-count runs), both on 2 workers; CI (.ci/run) runs exactly this.
+# With arguments, runs pytest once with them instead, e.g. `bash scripts/test.sh -m "not slow"` for the
+# default suite alone, or `bash scripts/test.sh tests/test_unet.py -k parity`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-exec .venv/bin/python -m pytest -n 2 -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -n 2 -q "$@"
+fi
+SECONDS=0
+.venv/bin/python -m pytest -n 2 -q
+echo "[test] default suite passed in ${SECONDS}s; now the slow tests" >&2
+SECONDS=0
+.venv/bin/python -m pytest -n 2 -q -m slow
+echo "[test] slow tests passed in ${SECONDS}s" >&2
