@@ -173,6 +173,38 @@ def test_both_towers_load_from_a_clip_model_folder(tmp_path):
     np.testing.assert_allclose(got_text, want_text, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("eos_token_id", [TINY_TEXT["eos_token_id"], 2])
+def test_text_features_match_get_text_features(tmp_path, eos_token_id):
+    """CLIP-T's text side: the EOS token's state through text_projection. Row 1 is padded with EOS tokens, so
+    taking the first EOS (not the last) matters; eos_token_id 2 is what pre-4.31 config files say (transformers
+    then pools the largest token id)."""
+    torch.manual_seed(8)
+    text_config = dict(TINY_TEXT, eos_token_id=eos_token_id)
+    config = transformers.CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=20)
+    ref = randomize_(transformers.CLIPModel(config), seed=8)
+    ref.save_pretrained(tmp_path)
+    model, params = clip_text.load_clip_text_with_projection(tmp_path)
+    ids, mask = prompt_batch()
+    with torch.no_grad():
+        want = ref.get_text_features(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    want = want.pooler_output.numpy()
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    print(f"text features (eos {eos_token_id}): max abs diff {np.abs(got - want).max():.2e}")
+    assert got.shape == (2, 20)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    # The pooled positions: row 0's only EOS, row 1's first (the padding after it would pool other states).
+    assert np.asarray(clip_text.eos_positions(jnp.asarray(ids), eos_token_id)).tolist() == [6, 1]
+    unit = np.asarray(clip_text.clip_text_embeds(model, params, jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(unit, want / np.linalg.norm(want, axis=-1, keepdims=True), atol=2e-5, rtol=0)
+
+
+def test_text_features_need_a_projection(tmp_path):
+    ref = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT)))
+    ref.save_pretrained(tmp_path)
+    with pytest.raises(WeightLoadError, match=r"missing[\s\S]*text_projection"):
+        clip_text.load_clip_text_with_projection(tmp_path)
+
+
 def test_bfloat16_tower_stays_close_to_float32(tmp_path):
     torch.manual_seed(6)
     ref = randomize_(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**TINY_VISION)), seed=6)

@@ -182,7 +182,8 @@ class MobileNetV3Large(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, face_chips: jax.Array) -> jax.Array:
+    def __call__(self, face_chips: jax.Array, features_only: bool = False) -> jax.Array:
+        """features_only: return the input of the last Linear instead ([N, 1280 * width_mult] float32)."""
         table = large_config(self.width_mult)
         x = face_chips.astype(self.dtype)
         x = _conv_bn(self, x, "features_0", table[0].input_channels, 3, 2, activation=jax.nn.hard_swish)
@@ -195,8 +196,17 @@ class MobileNetV3Large(nn.Module):
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         x = jax.nn.hard_swish(dense(_make_divisible(LAST_CHANNEL * self.width_mult), "classifier_0")(x))
+        if features_only:
+            return x.astype(jnp.float32)
         # classifier_2 is torchvision's Dropout(0.2): the identity at inference.
         return dense(self.num_classes, "classifier_3")(x).astype(jnp.float32)
+
+
+def pooled_features(module: MobileNetV3Large, variables: dict, images: jax.Array) -> jax.Array:
+    """The features the last Linear reads (after the pooled 960-wide map's Linear + hardswish):
+    images [N, H, W, 3] in [-1, 1] -> [N, 1280 * width_mult] float32. A content feature space for
+    classifiers trained on whole images (the miniature scene classifier's fidelity features)."""
+    return module.apply(variables, images, features_only=True)
 
 
 def variable_shapes(module: nn.Module, image_size: int) -> dict:
