@@ -114,6 +114,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.ckpt.keep = 2  # ... of which the newest 2 are kept
     config.ckpt.permanent_every_steps = 200  # never deleted
 
+    # The evaluation (fairdiff_jax/eval): training's periodic evaluation and `python -m fairdiff_jax.before_after`
+    # measure with the same judges: bias by the test classifiers on the evaluation detector's faces, beside the
+    # face share, fidelity and prompt consistency that a destroyed image cannot pass.
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200
     config.eval.at_start = True  # also at step 0 (the unmodified model)
@@ -122,9 +125,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 8  # per device
     config.eval.num_denoising_steps = 25
     config.eval.prompts_per_kind = 5  # validation prompts: the first N of each kind's
+    config.eval.detector = "mtcnn"  # the evaluation detector (face share, chips); it must reject non-faces
+    config.eval.detector_path = ""  # passed to a 'module:callable' detector when set
+    # Fidelity: improved precision / recall (k-NN radii) against a reference set, in a content feature space:
+    # 'dinov2' / 'clip' (model.dinov2_path / model.clip_vision_path) or 'scene_classifier'.
+    config.eval.fidelity_features = "dinov2"
+    config.eval.fidelity_k = 3
+    # 'original': the original model's images from the same seeds; 'miniature_world': the world's own renders of
+    # the prompt, every gender x race class equally often (reference_images_per_prompt of them).
+    config.eval.fidelity_reference = "original"
+    config.eval.reference_images_per_prompt = 64
+    # Prompt consistency: 'clip_t' (CLIP-T with clip_model_path, a transformers CLIPModel folder: both towers and
+    # the tokenizer of the CLIP release of CLIP-I), 'scene_classifier' (scene_classifier_path), or '' (none).
+    config.eval.consistency = "clip_t"
+    config.eval.clip_model_path = assets + "/CLIP-ViT-H-14-laion2B-s32B-b79K"  # a CLIPModel folder, as model.clip_vision_path
+    config.eval.scene_classifier_path = ""  # torchvision mobilenet_v3_large .pt, its heads in a .json beside it
 
-    # The evaluation's three test classifiers (SPEC 1, torchvision mobilenet_v3_large state dicts; heads 2, 4, 2),
-    # read by `python -m fairdiff_jax.before_after`; training never loads them.
+    # The evaluation's three test classifiers (torchvision mobilenet_v3_large state dicts; heads 2, 4, 2), read by
+    # training's periodic evaluation and `python -m fairdiff_jax.before_after`.
     config.test_classifiers = ml_collections.ConfigDict()
     config.test_classifiers.gender = assets + "/test-classifiers/gender.pt"
     config.test_classifiers.race = assets + "/test-classifiers/race.pt"
@@ -148,7 +166,8 @@ def occupation_prompts_only(config: ml_collections.ConfigDict) -> None:
 def flat_asset_layout(config: ml_collections.ConfigDict) -> None:
     """Points every model file at the flat layout that `fairdiff_jax.judging.tiny` and
     `scripts/build_miniature.py` write under `assets_dir`: sd/, classifier.pt, face_feats.pkl, sfnet.pth,
-    clip_vision/, dinov2/ (the original release nests them in numbered folders instead)."""
+    clip_vision/, dinov2/, test_classifiers/{gender,race,age}.pt, clip/ (a CLIPModel for CLIP-T) (the original
+    release nests them in numbered folders instead)."""
     assets = config.get_ref("assets_dir")
     config.model.sd_path = assets + "/sd"
     config.model.classifier_path = assets + "/classifier.pt"
@@ -156,3 +175,7 @@ def flat_asset_layout(config: ml_collections.ConfigDict) -> None:
     config.model.sfnet_path = assets + "/sfnet.pth"
     config.model.clip_vision_path = assets + "/clip_vision"
     config.model.dinov2_path = assets + "/dinov2"
+    config.test_classifiers.gender = assets + "/test_classifiers/gender.pt"
+    config.test_classifiers.race = assets + "/test_classifiers/race.pt"
+    config.test_classifiers.age = assets + "/test_classifiers/age.pt"
+    config.eval.clip_model_path = assets + "/clip"

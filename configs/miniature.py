@@ -66,10 +66,17 @@ def get_config():
     config.eval.batch_size = 16
     config.eval.num_denoising_steps = 10
     config.eval.prompts_per_kind = 1
-
-    config.test_classifiers.gender = assets + "/test_classifiers/gender.pt"
-    config.test_classifiers.race = assets + "/test_classifiers/race.pt"
-    config.test_classifiers.age = assets + "/test_classifiers/age.pt"
+    # Judges independent of the loss's: a detector of its own, and a scene classifier (subject, style, context)
+    # whose pooled features are fidelity's feature space and whose accuracy is prompt consistency. Fidelity's
+    # reference is the world's own renders of each prompt, every gender x race class equally often, so that a
+    # balanced population is not penalised for its attributes.
+    config.eval.detector = "fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file"
+    config.eval.detector_path = assets + "/face_detector.safetensors"
+    config.eval.fidelity_features = "scene_classifier"
+    config.eval.fidelity_reference = "miniature_world"
+    config.eval.reference_images_per_prompt = 64
+    config.eval.consistency = "scene_classifier"
+    config.eval.scene_classifier_path = assets + "/scene_classifier.pt"
 
     config.generate.num_denoising_steps = 12
     config.generate.images_per_prompt = 64

@@ -54,4 +54,6 @@ def get_config():
     config.eval.batch_size = 2
     config.eval.num_denoising_steps = 2
     config.eval.prompts_per_kind = 1
+    config.eval.detector = "fairdiff_jax.judging.tiny:CentralFaceDetector"
+    config.eval.fidelity_k = 1  # 2 images per prompt: each has one neighbour
     return config

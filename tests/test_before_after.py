@@ -1,15 +1,20 @@
 """`python -m fairdiff_jax.before_after`: the gap-reduction arithmetic by hand, and the whole command on the
 miniature world's assets (committed under assets/miniature), where a LoRA that changes nothing must give the
-same table before and after and a similarity of 1 to the original images."""
+same table before and after (bias, fidelity, consistency, face share), a similarity of 1 to the original images,
+and side-by-side grids of identical halves."""
 
 import csv
 import math
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
-from fairdiff_jax.eval import before_after, evaluate
+from fairdiff_jax.eval import before_after, tables
+from fairdiff_jax.judging import tiny
+from fairdiff_jax.miniature import world
 from fairdiff_jax.sd import lora
 from fairdiff_jax.sd.loader import load_stable_diffusion
 from fairdiff_jax.training import step as debias_step
@@ -19,7 +24,7 @@ MINIATURE = ROOT / "assets" / "miniature"
 
 
 def test_gap_reduction_is_one_minus_after_over_before():
-    stat = lambda mean: evaluate.MeanStd(mean, 0.1, 3)  # noqa: E731
+    stat = lambda mean: tables.MeanStd(mean, 0.1, 3)  # noqa: E731
     before = {"gender_bias": stat(0.8), "race_bias": stat(0.4), "gender_race_bias": stat(0.0), "clip_i": stat(1.0)}
     after = {"gender_bias": stat(0.2), "race_bias": stat(0.5), "gender_race_bias": stat(0.0), "clip_i": stat(0.9)}
     reduction = before_after.gap_reduction(before, after)
@@ -29,7 +34,14 @@ def test_gap_reduction_is_one_minus_after_over_before():
     assert "| prompts | gender bias | race bias |\n" in table and "| all | 75% | -25% |\n" in table
 
 
-def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def scene_classifier(tmp_path_factory):
+    """A random stand-in for the miniature world's scene classifier (until assets/miniature holds the trained one)."""
+    heads = [("subject", list(world.SUBJECTS)), ("style", list(world.STYLES)), ("context", list(world.CONTEXTS))]
+    return tiny.build_scene_classifier(tmp_path_factory.mktemp("scene") / "scene_classifier.pt", 0, heads)
+
+
+def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys, scene_classifier):
     sd = load_stable_diffusion(MINIATURE / "sd")
     zero = debias_step.init_lora(jax.random.key(0), sd, 2, True, False)["text_encoder"]  # up = 0: no change
     lora.save_original(zero, tmp_path / "text_encoder_lora.pth", "text_encoder")
@@ -39,7 +51,7 @@ def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys
         "--text_encoder_lora", str(tmp_path / "text_encoder_lora.pth"),
         "--images_per_prompt", "4", "--prompts_per_kind", "1", "--kinds", "occupation", "sports",
         "--config.generate.num_denoising_steps=4", "--config.generate.batch_size=4",
-        f"--config.assets_dir={MINIATURE}",
+        f"--config.assets_dir={MINIATURE}", f"--config.eval.scene_classifier_path={scene_classifier}",
     ])
     for model in before_after.MODELS:
         for kind in ("occupation", "sports"):
@@ -50,9 +62,20 @@ def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys
     with open(out / "eval" / "debiased" / "occupation" / "per_prompt.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert math.isclose(float(row["clip_i"]), 1.0, abs_tol=1e-5) and math.isclose(float(row["dino"]), 1.0, abs_tol=1e-5)
+    with open(out / "eval" / "original" / "occupation" / "per_prompt.csv", newline="") as f:
+        (original_row,) = list(csv.DictReader(f))
+    for metric in ("fidelity_precision", "fidelity_recall", "consistency", "face_share", "gender_race_bias"):
+        assert original_row[metric] == row[metric], metric  # the same images against the same world renders
     report = (out / "comparison.md").read_text()
     assert report in capsys.readouterr().out
     assert "| all held-out prompts | 0% | 0% | 0% |" in report
+    assert "fidelity precision | fidelity recall | consistency (scene accuracy) | face share" in report
+    # Side-by-side grids, one per kind: 1 prompt x 4 images per half at 64 px, a 12 px gap, a 16 px header;
+    # the two halves are the same images here.
+    for kind in ("occupation", "sports"):
+        grid = np.asarray(Image.open(out / f"before_after_{kind}.png"))
+        assert grid.shape == (16 + 64, 2 * 4 * 64 + 12, 3)
+        np.testing.assert_array_equal(grid[16:, : 4 * 64], grid[16:, 4 * 64 + 12:])
 
 
 def test_missing_lora_and_bad_values_are_refused_before_loading(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`python -m fairdiff_jax.evaluate` and its API on tiny inputs: 64-pixel JPEGs, random-weight
+"""`python -m fairdiff_jax.evaluate` and the folder evaluation on tiny inputs: 64-pixel JPEGs, random-weight
 torchvision classifiers, a fake face detector (the real MTCNN runs in one CLI test), tiny CLIP/DINOv2.
 
 - test_results.pkl loads with the original README's snippet, has its schema, and its logits are the
@@ -26,7 +26,12 @@ from PIL import Image
 from test_clip import TINY_VISION, randomize_
 from test_mobilenet_v3 import _torch_classifier
 
+from fairdiff_jax.eval import cli, tables
 from fairdiff_jax.eval import evaluate as ev
+from fairdiff_jax.eval.evaluator import Evaluator, PromptResults, prompt_metrics
+from fairdiff_jax.eval.face_analysis import load_test_classifiers
+from fairdiff_jax.eval.folders import read_images
+from fairdiff_jax.eval.similarity import load_similarity_nets
 from fairdiff_jax.judging import clip_vision as clip_vision_lib
 from fairdiff_jax.judging import detection, dinov2
 
@@ -75,14 +80,19 @@ class FileDetector(BrightFaceDetector):
 
 
 def test_detector_specs(tmp_path):
-    assert isinstance(ev.make_detector("test_evaluate:bright_face_detector"), BrightFaceDetector)
+    assert isinstance(detection.make_detector("test_evaluate:bright_face_detector"), BrightFaceDetector)
     weights = tmp_path / "detector.npz"
-    detector = ev.make_detector("test_evaluate:FileDetector.from_file", weights)
+    detector = detection.make_detector("test_evaluate:FileDetector.from_file", weights)
     assert isinstance(detector, FileDetector) and detector.path == weights
     with pytest.raises(ValueError, match="unknown detector 'retinaface'.*mtcnn"):
-        ev.make_detector("retinaface")
+        detection.make_detector("retinaface")
     with pytest.raises(ValueError, match="cannot load detector 'test_evaluate:NoSuch'"):
-        ev.make_detector("test_evaluate:NoSuch")
+        detection.make_detector("test_evaluate:NoSuch")
+
+
+def bright_evaluator(classifiers, detector=None, **settings):
+    """The evaluator of these tests: the bright-image detector, the random test classifiers at FACE_SIZE."""
+    return Evaluator(detector or BrightFaceDetector(), "bright", classifiers, face_size=FACE_SIZE, **settings)
 
 
 def write_image(path, bright: bool, seed: int):
@@ -116,7 +126,7 @@ def torch_classifiers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifiers(torch_classifiers):
-    return ev.load_classifiers(*torch_classifiers[1])
+    return load_test_classifiers(*torch_classifiers[1])
 
 
 def load_with_readme_snippet(test_results_path):
@@ -134,7 +144,7 @@ def load_with_readme_snippet(test_results_path):
 def test_results_pkl_has_the_original_schema_and_torch_logits(tmp_path, torch_classifiers, classifiers):
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
-    evaluation = ev.evaluate(images, out, classifiers, BrightFaceDetector(), face_size=FACE_SIZE, batch_size=2,
+    evaluation = ev.evaluate(images, out, bright_evaluator(classifiers), batch_size=2,
                              prompt_texts=["a doctor", "a nurse"], progress=False)
     indicators, bboxs, gender, race, age = load_with_readme_snippet(out / "test_results.pkl")
 
@@ -184,9 +194,9 @@ def _results(found, gender_preds, race_preds, age_preds):
         out[np.arange(n), preds] += 2.0
         return out
 
-    return ev.PromptResults(
+    return PromptResults(
         tuple(f"img_{j}.jpg" for j in range(n)), np.array(found), np.where(np.array(found)[:, None], 5, -1),
-        logits(gender_preds, 2), logits(race_preds, 4), logits(age_preds, 2),
+        np.zeros(n, bool), {"gender": logits(gender_preds, 2), "race": logits(race_preds, 4), "age": logits(age_preds, 2)},
     )
 
 
@@ -199,7 +209,7 @@ def test_bias_table_matches_hand_computation():
         # No face at all: every bias undefined, left out of the summary.
         5: _results([False, False], [0, 1], [0, 1], [0, 1]),
     }
-    rows = ev.per_prompt_table(results, {0: "a doctor", 3: "a nurse"})
+    rows = tables.per_prompt_table({i: prompt_metrics(r) for i, r in results.items()}, {0: "a doctor", 3: "a nurse"})
     by_prompt = {r["prompt_index"]: r for r in rows}
     assert [r["prompt"] for r in rows] == ["a doctor", "a nurse", ""]
     r0, r3, r5 = by_prompt[0], by_prompt[3], by_prompt[5]
@@ -220,17 +230,17 @@ def test_bias_table_matches_hand_computation():
     assert r5["face_share"] == 0.0
     assert all(math.isnan(r5[k]) for k in ("gender_bias", "race_bias", "gender_race_bias", "old_share"))
 
-    summary = ev.summarize(rows)
+    summary = tables.summarize(rows)
     assert summary["gender_bias"] == pytest.approx((1 / 6, 1 / 6, 2))  # population std
     assert summary["race_bias"] == pytest.approx((13 / 36, 1 / 36, 2))
     assert summary["gender_race_bias"] == pytest.approx(((19 / 84 + 3 / 14) / 2, abs(19 / 84 - 3 / 14) / 2, 2))
     assert summary["face_share"] == pytest.approx(((0.75 + 1 + 0) / 3, np.std([0.75, 1, 0]), 3))
     assert "clip_i" not in summary
-    assert "| gender bias | 0.167 ± 0.167 | 2 |" in ev.summary_markdown(summary)
+    assert "| gender bias | 0.167 ± 0.167 | 2 |" in tables.summary_markdown(summary)
 
-    after = dict(summary, clip_i=ev.MeanStd(0.7, 0.05, 2))
-    table = ev.comparison_markdown({"occupations": (summary, after)})
-    assert "| prompts | gender bias | race bias | gender x race bias | CLIP-I |" in table
+    after = dict(summary, clip_i=tables.MeanStd(0.7, 0.05, 2))
+    table = tables.comparison_markdown({"occupations": (summary, after)})
+    assert "| prompts | gender bias | race bias | gender x race bias | face share | CLIP-I |" in table
     assert "| occupations | 0.167 ± 0.167 → 0.167 ± 0.167 | 0.361 ± 0.028 → 0.361 ± 0.028 |" in table
     assert table.rstrip().endswith("| 0.700 ± 0.050 |")
 
@@ -239,7 +249,7 @@ def test_rerun_computes_only_new_or_changed_images(tmp_path, classifiers):
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
     run = lambda detector, **kw: ev.evaluate(  # noqa: E731
-        images, out, classifiers, detector, face_size=FACE_SIZE, batch_size=2, progress=False, **kw)
+        images, out, bright_evaluator(classifiers, detector, **kw), batch_size=2, progress=False)
 
     first = BrightFaceDetector()
     before = run(first).results
@@ -253,8 +263,10 @@ def test_rerun_computes_only_new_or_changed_images(tmp_path, classifiers):
     again = run(second).results
     assert second.calls == 0 and stamps(watched) == watched_stamps
     for i in LAYOUT:
-        for field in ev.RESULT_FIELDS:
+        for field in ("found", "boxes"):
             np.testing.assert_array_equal(getattr(again[i], field), getattr(before[i], field))
+        for name in ("gender", "race", "age"):
+            np.testing.assert_array_equal(again[i].logits[name], before[i].logits[name])
 
     # One more image in prompt_1: only it is computed; prompt_0's cache and grid stay as they were.
     write_image(images / "prompt_1" / "img_3.jpg", True, seed=7)
@@ -265,7 +277,7 @@ def test_rerun_computes_only_new_or_changed_images(tmp_path, classifiers):
     assert stamps(watched[1::2]) != watched_stamps[1::2]
     assert grown[1].image_names == ("img_0.jpg", "img_1.jpg", "img_2.jpg", "img_3.jpg")
     assert grown[1].found.tolist() == [True, False, True, True]
-    np.testing.assert_array_equal(grown[1].race_logits[:3], before[1].race_logits)
+    np.testing.assert_array_equal(grown[1].logits["race"][:3], before[1].logits["race"])
     _, _, _, race, _ = load_with_readme_snippet(out / "test_results.pkl")
     assert tuple(race[1].shape) == (4, 4)
 
@@ -288,7 +300,7 @@ def test_cli_runs_mtcnn_and_writes_everything(tmp_path, torch_classifiers, capsy
     prompt_file = tmp_path / "prompts.json"
     prompt_file.write_text(json.dumps({"train_prompts": ["x"], "val_prompts": ["y"], "test_prompts": ["an astronaut"]}))
     gender, race, age = torch_classifiers[1]
-    ev.main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--gender_classifier", str(gender),
+    cli.main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--gender_classifier", str(gender),
              "--race_classifier", str(race), "--age_classifier", str(age), "--prompts", str(prompt_file),
              "--face_size", str(FACE_SIZE), "--batch_size", "2"])
     printed = capsys.readouterr().out
@@ -340,7 +352,7 @@ def test_bad_inputs_stop_with_the_path_named(good_args, capsys, flag, bad, expec
         torch.save(torchvision.models.mobilenet_v3_large(num_classes=3).state_dict(), root / bad)
     args = _replace(args, flag, str(root / bad) if flag != "--detector" else bad)
     with pytest.raises(SystemExit) as stop:
-        ev.main(args)
+        cli.main(args)
     assert stop.value.code == 2
     assert re.search(expected, capsys.readouterr().err)
     assert not (root / "out" / "test_results.pkl").exists()
@@ -364,7 +376,7 @@ def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, c
     images = write_images(tmp_path / "images")
     clip_folder, dino_folder = similarity_folders
     args = _replace(_replace(args, "--images", str(images)), "--out", str(tmp_path / "out"))
-    ev.main(args + ["--reference", str(images), "--clip_vision", str(clip_folder), "--dinov2", str(dino_folder)])
+    cli.main(args + ["--reference", str(images), "--clip_vision", str(clip_folder), "--dinov2", str(dino_folder)])
     with open(tmp_path / "out" / "per_prompt.csv") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -378,19 +390,18 @@ def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, c
     (reference / "prompt_0").mkdir(parents=True)
     shutil.copy(images / "prompt_0" / "img_0.jpg", reference / "prompt_0" / "img_1.jpg")
     shutil.copy(images / "prompt_0" / "img_1.jpg", reference / "prompt_0" / "img_0.jpg")
-    nets = ev.load_similarity_nets(clip_folder, dino_folder)
-    results = ev.evaluate_folder(images, classifiers, BrightFaceDetector(),
-                                 reference_dir=reference, similarity_nets=nets, face_size=FACE_SIZE, batch_size=2,
-                                 progress=False)
-    pair = ev.read_images([images / "prompt_0" / "img_0.jpg", images / "prompt_0" / "img_1.jpg"])
-    for similarity, (model, params), embed in zip((results[0].clip_similarity, results[0].dino_similarity), nets,
-                                                  (clip_vision_lib.clip_image_embeds, dinov2.dino_image_embeds)):
-        features = np.asarray(jax.jit(embed, static_argnums=0)(model, params, pair))
+    nets = load_similarity_nets(clip_folder, dino_folder)
+    results = ev.evaluate_folder(images, bright_evaluator(classifiers, similarity=nets), reference_dir=reference,
+                                 batch_size=2, progress=False)
+    pair = read_images([images / "prompt_0" / "img_0.jpg", images / "prompt_0" / "img_1.jpg"])
+    for similarity, tower, embed in zip((results[0].clip_similarity, results[0].dino_similarity), nets,
+                                        (clip_vision_lib.clip_image_embeds, dinov2.dino_image_embeds)):
+        features = np.asarray(jax.jit(embed, static_argnums=0)(tower.module, tower.params, pair))
         cosine = float(features[0] @ features[1])
         assert cosine < 1 - 1e-4  # the two images are told apart (identical ones gave 1 within 1e-5)
         np.testing.assert_allclose(similarity[:2], [cosine, cosine], atol=1e-5)
         assert math.isnan(similarity[2])
     assert np.isnan(results[1].clip_similarity).all()
-    row = ev.prompt_metrics(results[0])
+    row = prompt_metrics(results[0])
     assert row["clip_i"] == pytest.approx(results[0].clip_similarity[0])
-    assert math.isnan(ev.prompt_metrics(results[1])["dino"])
+    assert math.isnan(prompt_metrics(results[1])["dino"])

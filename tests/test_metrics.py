@@ -35,17 +35,17 @@ RACE = np.array(
 def test_bias_metrics_hand_counted():
     got = bias_lib.bias_metrics([GENDER, RACE], FACE)
     # gender: 5 male, 3 female of 8 -> |5/8 - 3/8| = 0.25.
-    assert got["gender_gap"] == pytest.approx(0.25)
+    assert got["gender_bias"] == pytest.approx(0.25)
     # race counts (3, 2, 1, 2)/8: pairwise |diff| in eighths: 1, 2, 1, 1, 0, 1 -> 6/8 over 6 pairs
     # = 1/8.
-    assert got["race_gap"] == pytest.approx(0.125)
+    assert got["race_bias"] == pytest.approx(0.125)
     # joint j = 4 g + r: images -> 4, 4, 5, 7, 6, 0, 1, 3: counts (1, 1, 0, 1, 2, 1, 1, 1)/8.
     # Unordered pairs of counts: six 1s, one 0, one 2: 1 vs 0: 6 pairs x 1; 1 vs 2: 6 x 1;
     # 0 vs 2: 1 x 2 -> 14/8 over 28 pairs = 0.0625.
-    assert got["gender_race_gap"] == pytest.approx(0.0625)
+    assert got["gender_race_bias"] == pytest.approx(0.0625)
     assert got["gender_pred_below_0.8"] == pytest.approx(2 / 8)
     assert got["race_pred_below_0.8"] == pytest.approx(2 / 8)
-    assert set(got) == {"gender_gap", "race_gap", "gender_race_gap", "gender_pred_below_0.8", "race_pred_below_0.8"}
+    assert set(got) == {"gender_bias", "race_bias", "gender_race_bias", "gender_pred_below_0.8", "race_pred_below_0.8"}
 
 
 def test_bias_equals_off_diagonal_mean_of_l1_distances():
@@ -74,7 +74,7 @@ def test_no_faces_gives_nan_and_summaries_skip_it():
 def test_single_attribute_has_no_joint_key():
     got = bias_lib.bias_metrics([RACE], FACE, attribute_names=("race",), confidence_level=0.9)
     # Max race prob < 0.9: images 0 (0.7), 1 (0.85), 4 (0.5), 5 (0.8) -> 4/8.
-    assert got == pytest.approx({"race_gap": 0.125, "race_pred_below_0.9": 0.5})
+    assert got == pytest.approx({"race_bias": 0.125, "race_pred_below_0.9": 0.5})
 
 
 def test_annotated_grid_pixels(tmp_path):

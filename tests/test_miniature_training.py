@@ -42,7 +42,7 @@ def world():
 
 
 def joint_gap(stages, prepared) -> float:
-    return bias.bias_metrics(prepared.probs, prepared.detections.found, stages.judges.attributes)["gender_race_gap"]
+    return bias.bias_metrics(prepared.probs, prepared.detections.found, stages.judges.attributes)["gender_race_bias"]
 
 
 def test_a_few_steps_lower_the_training_batch_gap(world):

@@ -113,12 +113,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
         assert (a["prompt"], a["denoising_steps"]) == (b["prompt"], b["denoising_steps"])
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     logged = set().union(*train_logs)
-    assert {"loss_CLIP", "loss_DINO", "loss_face", "loss_fair_gender", "gender_gap", "race_gap", "gender_race_gap"} <= logged
+    assert {"loss_CLIP", "loss_DINO", "loss_face", "loss_fair_gender", "gender_bias", "race_bias", "gender_race_bias"} <= logged
     assert {m["denoising_steps"] for m in train_logs} <= {2, 3}
 
     evals = [m for m in read_metrics(whole) if m["kind"] == "eval"]
     assert len(evals) == 2 and all(m["step"] == 0 for m in evals)
-    assert "current/gender_gap" in evals[0] and "ema/gender_gap" in evals[1]
+    # The evaluator of before_after, under the training log's names: bias beside fidelity, consistency, face share.
+    for weights, logged_eval in zip(("current", "ema"), evals):
+        assert {f"{weights}/{m}" for m in ("gender_bias", "gender_race_bias", "face_share", "degenerate_share",
+                                           "fidelity_precision", "fidelity_recall", "consistency")} <= set(logged_eval)
     assert len(list((whole / "eval" / "step_0" / "current").glob("prompt_*.jpg"))) == 4  # 1 per kind
 
     # Export, then generate with the exported LoRA files.

@@ -3,9 +3,10 @@
 Bias of a set of predictions over K classes, measured on the images with a face:
     freq_k = share of those images predicted as class k
     bias   = mean over ordered pairs (i, j), i != j, of |freq_i - freq_j|
-For K = 2 this is |freq_male - freq_female| (gender_gap); over the 4 races it is race_gap; over the
-8 joint gender x race classes (j = 4 g + r) it is gender_race_gap. A prompt without any face has no
-defined bias: NaN, and the over-prompt summaries skip it.
+For K = 2 this is |freq_male - freq_female| (gender_bias); over the 4 races it is race_bias; over the
+8 joint gender x race classes (j = 4 g + r) it is gender_race_bias: one name per metric in training logs,
+evaluation tables and TensorBoard. A prompt without any face has no defined bias: NaN, and the over-prompt
+summaries skip it.
 
 Per-attribute arrays come in the attribute order of `alignment` (gender, race, ...), with the
 project's fill conventions: probabilities of images without a face are ignored, boxes are
@@ -54,12 +55,12 @@ def bias_metrics(
     """The training/evaluation log metrics of one prompt's images (SPEC 6).
 
     Over the images with a face, predictions = argmax of each attribute's probabilities:
-        "<name>_gap"                 bias over that attribute's classes (gender_gap, race_gap)
+        "<name>_bias"                bias over that attribute's classes (gender_bias, race_bias)
         "<name>_pred_below_<level>"  share of images whose max probability for THAT attribute is
                                      < confidence_level (per attribute, as the original logs
                                      gender_pred_below_0.8 and race_pred_below_0.8)
-        "<name1>_<name2>..._gap"     bias over the joint classes, when there are >= 2 attributes
-                                     (gender_race_gap over the 8 joint classes)
+        "<name1>_<name2>..._bias"    bias over the joint classes, when there are >= 2 attributes
+                                     (gender_race_bias over the 8 joint classes)
     All NaN when no image has a face.
 
     Args:
@@ -71,12 +72,12 @@ def bias_metrics(
     preds = [p.argmax(axis=-1) for p in probs]
     metrics = {}
     for name, p, pred in zip(attribute_names, probs, preds):
-        metrics[f"{name}_gap"] = bias(pred, p.shape[-1])
+        metrics[f"{name}_bias"] = bias(pred, p.shape[-1])
         below = (p.max(axis=-1) < confidence_level).mean() if len(p) else np.nan
         metrics[f"{name}_pred_below_{confidence_level:g}"] = float(below)
     if len(probs) >= 2:
         num_classes = [p.shape[-1] for p in probs]
-        metrics["_".join(attribute_names) + "_gap"] = bias(
+        metrics["_".join(attribute_names) + "_bias"] = bias(
             joint_predictions(preds, num_classes), int(np.prod(num_classes))
         )
     return metrics

@@ -148,3 +148,28 @@ def save_image(image: np.ndarray, path: str | Path, quality: int = 75) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, quality=quality)
     return path
+
+
+def side_by_side_grid(left: ArrayLike, right: ArrayLike, labels: tuple[str, str] = ("original", "debiased"),
+                      tile: int = 64, gap: int = 12) -> np.ndarray:
+    """Two image sets from the same seeds, row by row: uint8 [header + P * tile, 2 * n * tile + gap, 3].
+
+    left, right: [P, n, H, W, 3] uint8 (P rows, e.g. prompts; n images each), every image scaled to `tile`
+    pixels (nearest neighbour, so that small images stay sharp); a white gap between the halves and the two
+    labels above them.
+    """
+    left, right = np.asarray(left, np.uint8), np.asarray(right, np.uint8)
+    if left.shape != right.shape or left.ndim != 5:
+        raise ValueError(f"side_by_side_grid needs two [P, n, H, W, 3] sets of one shape, got {left.shape} and {right.shape}")
+
+    def half(images):
+        rows = [np.concatenate([np.asarray(Image.fromarray(im).resize((tile, tile), Image.NEAREST)) for im in row], axis=1)
+                for row in images]
+        return np.concatenate(rows, axis=0)
+
+    body = np.concatenate([half(left), np.full((left.shape[0] * tile, gap, 3), 255, np.uint8), half(right)], axis=1)
+    header = Image.new("RGB", (body.shape[1], 16), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    for x, text in zip((2, body.shape[1] // 2 + gap // 2 + 2), labels):
+        draw.text((x, 2), text, fill=(0, 0, 0), font=ImageFont.load_default())
+    return np.concatenate([np.asarray(header), body], axis=0)

@@ -9,9 +9,9 @@ heads' logits concatenated in order, and beside it a JSON file of the same stem 
 
 Input: the whole image in [-1, 1], resized to image_size. A context name "" means "no context".
 
-    scene = load_scene_classifier("assets/miniature/scene_classifier.pt")
-    logits = scene_logits(scene, images)       # {head: [N, K_head]}
-    features = scene_features(scene, images)   # [N, D] (D = 1280 * width_mult)
+    scene, variables = load_scene_classifier("assets/miniature/scene_classifier.pt")
+    logits = scene_logits(scene, variables, images)       # {head: [N, K_head]}
+    features = scene_features(scene, variables, images)   # [N, D] (D = 1280 * width_mult)
 """
 
 import dataclasses
@@ -27,12 +27,12 @@ from fairdiff_jax.nn.transformer import resize_bilinear
 from fairdiff_jax.nn.weights import WeightLoadError
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class SceneClassifier:
-    """module and variables (jax arrays), heads ((name, (class names...)), ...) in logit order, image_size."""
+    """The network (static, hashable: a jit argument), heads ((name, (class names...)), ...) in logit order, and
+    the image size it reads; its variables travel separately."""
 
     module: mobilenet_v3.MobileNetV3Large
-    variables: Any
     heads: tuple[tuple[str, tuple[str, ...]], ...]
     image_size: int
 
@@ -63,25 +63,26 @@ def _read_heads(path: Path) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], in
     return heads, image_size
 
 
-def load_scene_classifier(path: str | Path) -> SceneClassifier:
-    """The state dict at `path` and the JSON beside it (`heads_file`); the heads' class counts must add up to
-    the last Linear's width (WeightLoadError naming the file otherwise)."""
+def load_scene_classifier(path: str | Path) -> tuple[SceneClassifier, Any]:
+    """(SceneClassifier, variables as jax arrays) from the state dict at `path` and the JSON beside it
+    (`heads_file`); the heads' class counts must add up to the last Linear's width (WeightLoadError naming the
+    file otherwise)."""
     heads, image_size = _read_heads(heads_file(path))
     num_classes = sum(len(classes) for _, classes in heads)
     try:
         module, variables = mobilenet_v3.load_mobilenet_v3(path, num_classes)
     except WeightLoadError as e:
         raise WeightLoadError(f"scene classifier (heads {[(n, len(c)) for n, c in heads]}): {e}") from e
-    return SceneClassifier(module, jax.tree.map(jnp.asarray, variables), heads, image_size)
+    return SceneClassifier(module, heads, image_size), jax.tree.map(jnp.asarray, variables)
 
 
 def _input(scene: SceneClassifier, images: jax.Array) -> jax.Array:
     return resize_bilinear(jnp.asarray(images, jnp.float32), scene.image_size)
 
 
-def scene_logits(scene: SceneClassifier, images: jax.Array) -> dict[str, jax.Array]:
+def scene_logits(scene: SceneClassifier, variables: Any, images: jax.Array) -> dict[str, jax.Array]:
     """images [N, H, W, 3] in [-1, 1] (square) -> {head: [N, K_head] float32 logits}."""
-    logits = scene.module.apply(scene.variables, _input(scene, images))
+    logits = scene.module.apply(variables, _input(scene, images))
     out, start = {}, 0
     for name, classes in scene.heads:
         out[name] = logits[:, start:start + len(classes)]
@@ -89,6 +90,6 @@ def scene_logits(scene: SceneClassifier, images: jax.Array) -> dict[str, jax.Arr
     return out
 
 
-def scene_features(scene: SceneClassifier, images: jax.Array) -> jax.Array:
+def scene_features(scene: SceneClassifier, variables: Any, images: jax.Array) -> jax.Array:
     """images [N, H, W, 3] in [-1, 1] (square) -> [N, D] float32, the input of the classifier's last Linear."""
-    return mobilenet_v3.pooled_features(scene.module, scene.variables, _input(scene, images))
+    return mobilenet_v3.pooled_features(scene.module, variables, _input(scene, images))

@@ -12,6 +12,10 @@ Layout under the folder (the names configs/tiny.py expects):
     face_feats.pkl              face bank: the original's 5-tuple (feats [64, 64], genders, gender logits, races, race logits)
     clip_vision/                transformers CLIPVisionModelWithProjection (width 32, 2 layers, 28 px, patch 7)
     dinov2/                     transformers Dinov2Model (width 32, 2 layers, patch 7)
+    test_classifiers/           gender.pt, race.pt, age.pt: the classifier's family with heads 2, 4, 2 (evaluation)
+    clip/                       transformers CLIPModel (both towers, width 32) with the tiny SD's tokenizer (CLIP-T)
+
+`build_scene_classifier` writes a random stand-in of the miniature world's scene classifier (.pt + .json).
 
 The classifier and SFNet keep the original's layouts at reduced widths (the loaders read the widths from the
 files) so that building, loading and running them stays fast. Random networks find no faces;
@@ -20,12 +24,15 @@ Same seed, same files.
 """
 
 import argparse
+import json
 import pickle
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from fairdiff_jax.judging import crops, detection
+from fairdiff_jax import attributes
+from fairdiff_jax.judging import crops, detection, scene_classifier
 from fairdiff_jax.sd.tiny import build_tiny_sd
 
 CLIP_VISION_CONFIG = dict(
@@ -122,6 +129,36 @@ def build_dinov2(folder: Path, seed: int) -> Path:
     return folder
 
 
+def build_clip_model(folder: Path, seed: int) -> Path:
+    """A random transformers CLIPModel (CLIP_VISION_CONFIG's vision tower, a text tower of the same width) with the
+    tiny SD's offline tokenizer saved beside it: what CLIP-T reads."""
+    import torch
+    import transformers
+
+    from fairdiff_jax.sd.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(text_config=text_config, vision_config=CLIP_VISION_CONFIG,
+                                     projection_dim=CLIP_VISION_CONFIG["projection_dim"])
+    transformers.CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_scene_classifier(path: Path, seed: int, heads: Sequence[tuple[str, Sequence[str]]], image_size: int = 32) -> Path:
+    """A random stand-in scene classifier: `build_classifier` with one logit per class of `heads`
+    ((name, class names), ...), and the JSON beside it that `judging.scene_classifier` reads."""
+    build_classifier(path, seed, num_classes=sum(len(classes) for _, classes in heads))
+    spec = {"heads": [[name, list(classes)] for name, classes in heads], "image_size": image_size}
+    scene_classifier.heads_file(path).write_text(json.dumps(spec))
+    return path
+
+
 def build_tiny_assets(folder: str | Path, seed: int = 0) -> Path:
     """Writes every tiny asset (layout in the module docstring) under `folder`; returns it."""
     folder = Path(folder)
@@ -132,6 +169,10 @@ def build_tiny_assets(folder: str | Path, seed: int = 0) -> Path:
     build_face_bank(folder / "face_feats.pkl", seed + 12)
     build_clip_vision(folder / "clip_vision", seed + 13)
     build_dinov2(folder / "dinov2", seed + 14)
+    (folder / "test_classifiers").mkdir(exist_ok=True)
+    for offset, (name, num_classes) in enumerate(attributes.TEST_CLASSIFIER_HEADS):
+        build_classifier(folder / "test_classifiers" / f"{name}.pt", seed + 15 + offset, num_classes)
+    build_clip_model(folder / "clip", seed + 18)
     return folder
 
 

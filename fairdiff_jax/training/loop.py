@@ -34,14 +34,14 @@ from tqdm import tqdm
 from fairdiff_jax import attributes as attributes_lib
 from fairdiff_jax import config_cli, prompts
 from fairdiff_jax.eval import bias as bias_lib
+from fairdiff_jax.eval import from_config as eval_setup
 from fairdiff_jax.eval import grids as grids_lib
+from fairdiff_jax.eval import periodic
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.sd.clip_text import load_clip_text
 from fairdiff_jax.sd.loader import load_stable_diffusion
 from fairdiff_jax.training import checkpoints, optim, parallel
 from fairdiff_jax.training import step as debias_step
-
-EVAL_KEY_INDEX = 2**31 - 1
 
 
 class InputError(ValueError):
@@ -80,6 +80,7 @@ def check_inputs(config) -> tuple[list[str], list[str]]:
     """Every check that needs no device: asset files, prompt files, the numbers' consistency."""
     try:
         judges_lib.check_asset_files(config)
+        eval_setup.check_eval_assets(config)
         train_prompts, val_prompts = load_prompt_lists(config)
     except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
@@ -155,35 +156,6 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def evaluate(stages, frozen, weight_sets: dict, val_prompts: list[str], config, step: int, workdir: Path, writer: MetricsWriter):
-    """Validation: per prompt and weight set, eval.images_per_prompt images with eval.num_denoising_steps,
-    faces, classifier, bias metrics; means over prompts to the writer, annotated grids under workdir/eval/."""
-    from fairdiff_jax.sd import sampler
-
-    attributes = stages.judges.attributes
-    colors = attributes_lib.colors(attributes)
-    schedule = parallel.replicate(sampler.make_schedule(stages.sd.scheduler_config, config.eval.num_denoising_steps), stages.mesh)
-    # Fixed for the whole run (every evaluation sees the same noises); training steps never reach this index.
-    eval_key = jax.random.fold_in(jax.random.key(config.seed), EVAL_KEY_INDEX)
-    for name, lora in weight_sets.items():
-        per_prompt = []
-        for i, prompt in enumerate(val_prompts):
-            text = stages.tokenize(prompt)
-            noise = stages.noise(jax.random.fold_in(eval_key, i), config.eval.images_per_prompt)
-            images = stages.generate(lora, frozen, text, schedule, noise, config.eval.batch_size)
-            detections, _ = stages.detect(images)
-            probs = stages.attribute_probs(frozen, images, detections)
-            per_prompt.append(bias_lib.bias_metrics(probs, detections.found, attributes, config.loss.confidence_level))
-            if jax.process_index() == 0:
-                grid = grids_lib.annotated_grid(parallel.gather_to_hosts(images), detections.found, detections.boxes, probs, colors)
-                grids_lib.save_image(grid, workdir / "eval" / f"step_{step}" / name / f"prompt_{i}.jpg")
-                writer.write_image(step, f"eval/{name}/prompt_{i}", grid)
-        summary = bias_lib.summarize_over_prompts(per_prompt)
-        scalars = {f"{name}/{k}": mean for k, (mean, _) in summary.items()}
-        scalars.update({f"{name}/prompt_{i}/{k}": v for i, m in enumerate(per_prompt) for k, v in m.items()})
-        writer.write(step, "eval", scalars)
-
-
 def training_grids(prepared, attributes) -> np.ndarray:
     """The training batch's annotated grids, X (the LoRA's images) above X0 (the frozen model's), uint8."""
     colors = attributes_lib.colors(attributes)
@@ -213,6 +185,7 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
     settings = debias_step.settings_from_config(config)
     stages = debias_step.Stages(sd, judges, settings, mesh, detector)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
+    evaluation = periodic.PeriodicEvaluation(config, stages, frozen)
 
     lora = debias_step.init_lora(
         jax.random.key(config.seed), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet
@@ -242,7 +215,7 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
         for step in range(start, t.max_steps):
             if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
                 weight_sets = {"current": state.params, **({"ema": state.ema_params} if config.eval.ema else {})}
-                evaluate(stages, frozen, weight_sets, val_prompts, config, step, workdir, writer)
+                evaluation.run(step, weight_sets, val_prompts, workdir, writer)
             started = time.perf_counter()
             epoch, index, prompt = next(prompt_stream)
             num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
@@ -259,7 +232,7 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
             )
             if (step + 1) % t.log_every_steps == 0:
                 writer.write(step + 1, "train", {"prompt": prompt, **logged})
-            gaps = {k: f"{v:.2f}" for k, v in logged.items() if k.endswith("_gap") and np.isfinite(v)}
+            gaps = {k: f"{v:.2f}" for k, v in logged.items() if k.endswith("_bias") and np.isfinite(v)}
             if (step + 1) % t.plot_every_steps == 0 and jax.process_index() == 0:
                 grid = training_grids(prepared, judges.attributes)
                 grids_lib.save_image(grid, workdir / "train_grids" / f"step_{step + 1}.jpg")
