@@ -405,3 +405,44 @@ def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, c
     row = prompt_metrics(results[0])
     assert row["clip_i"] == pytest.approx(results[0].clip_similarity[0])
     assert math.isnan(prompt_metrics(results[1])["dino"])
+
+
+def test_cli_measures_fidelity_and_clip_t(tmp_path, good_args, similarity_folders, capsys):
+    from fairdiff_jax.eval.consistency import ClipTextConsistency
+    from fairdiff_jax.judging import tiny
+
+    _, args = good_args
+    images = write_images(tmp_path / "images")
+    clip_model = tiny.build_clip_model(tmp_path / "clip_model", seed=0)
+    prompt_file = tmp_path / "prompts.json"
+    texts = ["a doctor", "a nurse"]
+    prompt_file.write_text(json.dumps({"train_prompts": ["x"], "val_prompts": ["y"], "test_prompts": texts}))
+    args = _replace(_replace(args, "--images", str(images)), "--out", str(tmp_path / "out"))
+    _, dino_folder = similarity_folders
+    cli.main(args + ["--prompts", str(prompt_file), "--fidelity_features", "dinov2", "--dinov2", str(dino_folder),
+                     "--reference_set", str(images), "--fidelity_k", "1", "--consistency", "clip_t",
+                     "--clip_model", str(clip_model)])
+    printed = capsys.readouterr().out
+    with open(tmp_path / "out" / "per_prompt.csv") as f:
+        rows = list(csv.DictReader(f))
+    # The set is its own reference: every image lies on the reference manifold and covers it.
+    assert [(float(r["fidelity_precision"]), float(r["fidelity_recall"])) for r in rows] == [(1.0, 1.0), (1.0, 1.0)]
+    judge = ClipTextConsistency(clip_model)
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        paths = sorted((images / f"prompt_{i}").glob("img_*.jpg"))
+        want = judge.scores(read_images(paths), text).mean()
+        assert float(row["consistency"]) == pytest.approx(float(want), abs=1e-5)
+    assert "| consistency (CLIP-T) |" in printed and "| fidelity precision | 1.000 ± 0.000 | 2 |" in printed
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--fidelity_features", "dinov2"], "--fidelity_features needs --reference_set or --miniature_reference"),
+    (["--reference_set", "."], "--reference_set / --miniature_reference need --fidelity_features"),
+    (["--fidelity_features", "clip", "--reference_set", "."], "--fidelity_features clip needs --clip_vision"),
+    (["--consistency", "clip_t"], "--consistency clip_t needs --prompts"),
+])
+def test_metric_flags_need_their_networks(good_args, capsys, extra, expected):
+    _, args = good_args
+    with pytest.raises(SystemExit):
+        cli.main(args + extra)
+    assert expected in capsys.readouterr().err
