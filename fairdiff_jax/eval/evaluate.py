@@ -28,10 +28,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from fairdiff_jax import attributes
 from fairdiff_jax.eval import grids as grids_lib
 from fairdiff_jax.eval import tables
-from fairdiff_jax.eval.evaluator import Evaluator, PromptResults, prompt_metrics
+from fairdiff_jax.eval.evaluator import BIAS_ATTRIBUTES, Evaluator, PromptResults, prompt_metrics
 from fairdiff_jax.eval.folders import (
     RowCache,
     fingerprint,
@@ -50,15 +49,8 @@ GRID_TILE = 256  # grid images are shrunk to this many pixels on their longer si
 RESULT_FIELDS = ("found", "boxes", "gender", "race", "age")  # test_results.pkl's lists, in order
 
 
-def _prompt_of(prompt_texts: Optional[Sequence[str] | Mapping[int, str]], i: int) -> Optional[str]:
-    if prompt_texts is None:
-        return None
-    known = i in prompt_texts if isinstance(prompt_texts, Mapping) else i < len(prompt_texts)
-    return prompt_texts[i] if known else None
-
-
 def evaluate_folder(images_dir: str | Path, evaluator: Evaluator, *,
-                    prompt_texts: Optional[Sequence[str] | Mapping[int, str]] = None,
+                    prompt_texts: tables.PromptTexts = None,
                     cache_dir: Optional[str | Path] = None, reference_dir: Optional[str | Path] = None,
                     batch_size: int = 16, progress: bool = True) -> dict[int, PromptResults]:
     """Every images_dir/prompt_i/img_j.jpg through `evaluator.judge` -> {i: PromptResults}; prompt_texts give each
@@ -74,14 +66,14 @@ def evaluate_folder(images_dir: str | Path, evaluator: Evaluator, *,
     folders = prompt_folders(images_dir)
     files = {i: image_files(folder) for i, folder in folders.items()}
     first = next((paths[0] for paths in files.values() if paths), None)
-    feature_dim = evaluator.fidelity_tower.feature_dim(image_size(first)) if evaluator.fidelity_tower and first else 0
+    feature_dim = evaluator.fidelity_tower.feature_dim(image_size(first)) if evaluator.fidelity_tower is not None and first else 0
     fields = evaluator.fields(feature_dim)
     settings = evaluator.settings()
     caches = {i: RowCache.for_files(cache_dir / f"prompt_{i}.npz" if cache_dir else None, settings, paths, fields)
               for i, paths in files.items()}
 
     def judge(i, paths):
-        out = evaluator.judge(padded(read_images(paths), batch_size), _prompt_of(prompt_texts, i))
+        out = evaluator.judge(padded(read_images(paths), batch_size), tables.prompt_text(prompt_texts, i))
         return {key: value[: len(paths)] for key, value in out.items()}
 
     run_batches(caches, files, judge, batch_size, "evaluate", progress)
@@ -148,11 +140,6 @@ def save_test_results(results: Mapping[int, PromptResults], path: str | Path) ->
     write_atomic(Path(path), lambda f: pickle.dump(lists, f))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
-
-
 def prompt_grid(paths: Sequence[Path], result: PromptResults, tile: int = GRID_TILE) -> np.ndarray:
     """`grids_lib.annotated_grid` of the images `paths` (the first rows of `result`), each shrunk to `tile`
     pixels on its longer side: uint8 [H, W, 3]."""
@@ -163,7 +150,7 @@ def prompt_grid(paths: Sequence[Path], result: PromptResults, tile: int = GRID_T
     small = np.stack([np.asarray(Image.fromarray(p).resize(size, Image.BILINEAR)) for p in pixels])
     return grids_lib.annotated_grid(
         small.astype(np.float32) / 127.5 - 1.0, result.found[:n], result.boxes[:n] * scale,
-        [_softmax(result.logits[a][:n]) for a in (attributes.GENDER.name, attributes.RACE.name)],
+        [result.probs(a)[:n] for a in BIAS_ATTRIBUTES],
     )
 
 
@@ -175,7 +162,7 @@ class Evaluation:
 
 
 def evaluate(images_dir: str | Path, out_dir: str | Path, evaluator: Evaluator, *,
-             prompt_texts: Optional[Sequence[str] | Mapping[int, str]] = None, reference_dir: Optional[str | Path] = None,
+             prompt_texts: tables.PromptTexts = None, reference_dir: Optional[str | Path] = None,
              reference_features: Optional[Mapping[int, np.ndarray]] = None, batch_size: int = 16, grid_images: int = 64,
              progress: bool = True) -> Evaluation:
     """`evaluate_folder` (cached in out_dir/cache), the metrics (fidelity against reference_features[i], the

@@ -117,6 +117,12 @@ class PromptResults:
     clip_similarity: Optional[np.ndarray] = None
     dino_similarity: Optional[np.ndarray] = None
 
+    def probs(self, attribute: str) -> np.ndarray:
+        """[N, K] softmax of the attribute's logits."""
+        logits = self.logits[attribute]
+        shifted = np.exp(logits - logits.max(-1, keepdims=True))
+        return shifted / shifted.sum(-1, keepdims=True)
+
     @classmethod
     def from_rows(cls, image_names: Sequence[str], rows: Mapping[str, np.ndarray]) -> "PromptResults":
         """From `Evaluator.judge`'s dict (or a cache's rows of the same fields)."""
@@ -130,11 +136,6 @@ def _mean_or_nan(values: Optional[np.ndarray]) -> float:
         return math.nan
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else math.nan
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
 
 
 def prompt_metrics(result: PromptResults, reference_features: Optional[np.ndarray] = None, k: int = fidelity.DEFAULT_K,
@@ -154,7 +155,7 @@ def prompt_metrics(result: PromptResults, reference_features: Optional[np.ndarra
         "face_share": float(found.mean()) if len(found) else math.nan,
         "degenerate_share": float(result.degenerate.mean()) if len(found) else math.nan,
     }
-    probs = [_softmax(result.logits[a]) for a in BIAS_ATTRIBUTES]
+    probs = [result.probs(a) for a in BIAS_ATTRIBUTES]
     row.update(bias_lib.bias_metrics(probs, found, BIAS_ATTRIBUTES, confidence_level))
     if attributes.AGE.name in result.logits:
         age = result.logits[attributes.AGE.name][found].argmax(-1)

@@ -21,22 +21,16 @@ from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import from_config
 from fairdiff_jax.eval import grids as grids_lib
 from fairdiff_jax.eval.evaluator import BIAS_ATTRIBUTES, PromptResults, prompt_metrics
+from fairdiff_jax.sd import sampler
 from fairdiff_jax.training import parallel
 
 EVAL_KEY_INDEX = 2**31 - 1  # the noises' key: fold_in(seed key, this); training steps never reach this index
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
 
 
 class PeriodicEvaluation:
     """The evaluator of `config.eval` and the generation stages of a training run."""
 
     def __init__(self, config, stages, frozen):
-        from fairdiff_jax.sd import sampler
-
         self.config, self.stages, self.frozen = config, stages, frozen
         self.evaluator = from_config.load_evaluator(config)
         self.schedule = parallel.replicate(sampler.make_schedule(stages.sd.scheduler_config, config.eval.num_denoising_steps),
@@ -74,7 +68,7 @@ class PeriodicEvaluation:
                                      evaluator.confidence_level)
                 rows.append({k: float(v) for k, v in row.items()})
                 if jax.process_index() == 0:
-                    probs = [_softmax(result.logits[a]) for a in BIAS_ATTRIBUTES]
+                    probs = [result.probs(a) for a in BIAS_ATTRIBUTES]
                     grid = grids_lib.annotated_grid(images, result.found, result.boxes, probs, colors)
                     grids_lib.save_image(grid, workdir / "eval" / f"step_{step}" / name / f"prompt_{i}.jpg")
                     writer.write_image(step, f"eval/{name}/prompt_{i}", grid)

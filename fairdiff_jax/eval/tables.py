@@ -49,17 +49,20 @@ def label(name: str, consistency_name: Optional[str] = None) -> str:
     return METRIC_LABELS[name]
 
 
-def per_prompt_table(rows_by_prompt: Mapping[int, Mapping[str, float]],
-                     prompt_texts: Optional[Sequence[str] | Mapping[int, str]] = None) -> list[dict[str, Any]]:
+PromptTexts = Optional[Sequence[str] | Mapping[int, str]]  # the prompt of each prompt_i folder, by i
+
+
+def prompt_text(prompt_texts: PromptTexts, i: int) -> Optional[str]:
+    """The text of prompt i, None when unknown."""
+    if prompt_texts is None:
+        return None
+    known = i in prompt_texts if isinstance(prompt_texts, Mapping) else i < len(prompt_texts)
+    return prompt_texts[i] if known else None
+
+
+def per_prompt_table(rows_by_prompt: Mapping[int, Mapping[str, float]], prompt_texts: PromptTexts = None) -> list[dict[str, Any]]:
     """{prompt index: metrics row} -> [{prompt_index, prompt, **row}] in prompt order; prompt '' when unknown."""
-    rows = []
-    for i, row in rows_by_prompt.items():
-        text = ""
-        if prompt_texts is not None:
-            known = i in prompt_texts if isinstance(prompt_texts, Mapping) else i < len(prompt_texts)
-            text = prompt_texts[i] if known else ""
-        rows.append({"prompt_index": i, "prompt": text, **row})
-    return rows
+    return [{"prompt_index": i, "prompt": prompt_text(prompt_texts, i) or "", **row} for i, row in rows_by_prompt.items()]
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, MeanStd]:
