@@ -110,3 +110,15 @@ def test_reference_renders_are_balanced_and_show_the_scene():
     assert reference.scene_truth(prompt) == {"subject": "baker", "style": "watercolor painting", "context": "at night"}
     with pytest.raises(ValueError, match="fixes gender or race"):
         reference.class_prompt("a photo of the face of a female doctor", 0, 0)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("eval.scene_classifier_path=/no/scene.pt", r"config.eval.scene_classifier_path: file not found: /no/scene.pt"),
+    ("eval.fidelity_features=vgg", r"config.eval.fidelity_features = 'vgg': use one of"),
+    ("eval.fidelity_k=16", r"config.eval.fidelity_k = 16: must be >= 1 and below config.eval.images_per_prompt = 16"),
+    ("test_classifiers.age=/no/age.pt", r"config.test_classifiers.age: file not found"),
+    ("eval.detector=nonsense", r"config.eval.detector: unknown detector 'nonsense'"),
+])
+def test_eval_config_errors_name_the_key(override, expected):
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        from_config.check_eval_assets(miniature_config(f"--config.{override}"))
