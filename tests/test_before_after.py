@@ -52,6 +52,7 @@ def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys
         "--images_per_prompt", "4", "--prompts_per_kind", "1", "--kinds", "occupation", "sports",
         "--config.generate.num_denoising_steps=4", "--config.generate.batch_size=4",
         f"--config.assets_dir={MINIATURE}", f"--config.eval.scene_classifier_path={scene_classifier}",
+        "--config.eval.fidelity_features=scene_classifier", "--config.eval.consistency=scene_classifier",
     ])
     for model in before_after.MODELS:
         for kind in ("occupation", "sports"):

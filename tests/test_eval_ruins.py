@@ -27,6 +27,8 @@ NUM_IMAGES = 32
 # Drops a ruin must cause (real minus ruined, absolute): a destroyed image set must lose at least this much.
 MARGINS = {"fidelity_precision": 0.5, "consistency": 0.3, "face_share": 0.5}
 EVAL_JUDGES = (MINIATURE / "scene_classifier.pt", MINIATURE / "eval_detector.safetensors")
+SCENE_JUDGE = ("--config.eval.fidelity_features=scene_classifier", "--config.eval.consistency=scene_classifier")
+EVAL_JUDGE_OVERRIDES = (*SCENE_JUDGE, f"--config.eval.detector_path={EVAL_JUDGES[1]}")
 
 
 def miniature_config(*overrides):
@@ -43,7 +45,7 @@ def measure(evaluator, images, prompt, reference_features):
 @pytest.mark.skipif(not all(p.is_file() for p in EVAL_JUDGES),
                     reason="the miniature world's evaluation judges are not committed yet (scene_classifier.pt, eval_detector.safetensors)")
 def test_every_ruin_ranks_below_the_real_renders():
-    config = miniature_config()
+    config = miniature_config(*EVAL_JUDGE_OVERRIDES)
     from_config.check_eval_assets(config)
     evaluator = from_config.load_evaluator(config)
     drops = {}
@@ -66,7 +68,7 @@ def stand_in_evaluator(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scene")
     heads = [("subject", list(world.SUBJECTS)), ("style", list(world.STYLES)), ("context", list(world.CONTEXTS))]
     path = tiny.build_scene_classifier(folder / "scene_classifier.pt", 0, heads)
-    config = miniature_config(f"--config.eval.scene_classifier_path={path}",
+    config = miniature_config(*SCENE_JUDGE, f"--config.eval.scene_classifier_path={path}",
                               f"--config.eval.detector_path={MINIATURE / 'face_detector.safetensors'}")
     from_config.check_eval_assets(config)
     return config, from_config.load_evaluator(config)
@@ -113,12 +115,13 @@ def test_reference_renders_are_balanced_and_show_the_scene():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("eval.scene_classifier_path=/no/scene.pt", r"config.eval.scene_classifier_path: file not found: /no/scene.pt"),
-    ("eval.fidelity_features=vgg", r"config.eval.fidelity_features = 'vgg': use one of"),
-    ("eval.fidelity_k=16", r"config.eval.fidelity_k = 16: must be >= 1 and below config.eval.images_per_prompt = 16"),
-    ("test_classifiers.age=/no/age.pt", r"config.test_classifiers.age: file not found"),
-    ("eval.detector=nonsense", r"config.eval.detector: unknown detector 'nonsense'"),
+    (("eval.consistency=scene_classifier", "eval.scene_classifier_path=/no/scene.pt"),
+     r"config.eval.scene_classifier_path: file not found: /no/scene.pt"),
+    (("eval.fidelity_features=vgg",), r"config.eval.fidelity_features = 'vgg': use one of"),
+    (("eval.fidelity_k=16",), r"config.eval.fidelity_k = 16: must be >= 1 and below config.eval.images_per_prompt = 16"),
+    (("test_classifiers.age=/no/age.pt",), r"config.test_classifiers.age: file not found"),
+    (("eval.detector=nonsense",), r"config.eval.detector: unknown detector 'nonsense'"),
 ])
 def test_eval_config_errors_name_the_key(override, expected):
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
-        from_config.check_eval_assets(miniature_config(f"--config.{override}"))
+        from_config.check_eval_assets(miniature_config(*(f"--config.{o}" for o in override)))
