@@ -11,7 +11,7 @@ Feature functions (device side, jittable, differentiable w.r.t. the images; imag
     clip_features(judges, images)           -> [N, Dc] unit-norm CLIP image_embeds
     dino_features(judges, images)           -> [N, Dd] unit-norm DINOv2 CLS embeddings
 
-Detector choice (`config.faces.detector`): 'mtcnn' (mtcnn_lib.MTCNNDetector, the default) or 'module:callable',
+Detector choice (`config.faces.detector`): 'mtcnn' (judging/mtcnn.py's MTCNNDetector, the default) or 'module:callable',
 a callable returning a `detection.FaceDetector`, called with `config.faces.detector_path` when that is set
 (e.g. 'fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file' with the detector file) and with no
 argument otherwise. `config.faces.expand_coef` is the detector's box expansion for the face chips (SPEC 5
