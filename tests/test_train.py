@@ -162,6 +162,9 @@ def _bad_prompts_dir(tmp_path):
         ("--config.model.classifier_path=/nonexistent/classifier.pt", ["config.model.classifier_path", "/nonexistent/classifier.pt"]),
         ("--config.model.face_bank_path=/nonexistent/face_feats.pkl", ["config.model.face_bank_path", "/nonexistent/face_feats.pkl"]),
         ("PROMPTS", ["sports.json", "val_prompts"]),
+        ("--config.train.micro_batch_size=0", ["config.train.micro_batch_size must be an integer >= 1, got 0"]),
+        ("--config.optim.learning_rate=nan", ["config.optim.learning_rate", "got nan"]),
+        ("--config.train.max_steps=0", ["config.train.max_steps"]),
     ],
 )
 def test_bad_inputs_fail_by_name_before_compiling(tmp_path, assets, compile_cache, override, expected):

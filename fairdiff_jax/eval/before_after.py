@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import config_cli
+from fairdiff_jax import config_checks, config_cli
 from fairdiff_jax import prompts as prompt_files
 from fairdiff_jax.eval import evaluate, from_config, grids, tables
 from fairdiff_jax.eval.folders import image_files, prompt_folders, read_pixels
@@ -95,6 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
             raise ValueError(f"unexpected arguments: {positional}")
         if args.text_encoder_lora is None and args.unet_lora is None:
             raise ValueError("give --text_encoder_lora and/or --unet_lora (the debiased model)")
+        config_checks.check_numbers(config)
+        for flag in ("images_per_prompt", "prompts_per_kind"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
         images_per_prompt = args.images_per_prompt or config.generate.images_per_prompt
         if images_per_prompt <= config.eval.fidelity_k:
             raise ValueError(f"--images_per_prompt must exceed config.eval.fidelity_k = {config.eval.fidelity_k}, "

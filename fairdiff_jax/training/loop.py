@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fairdiff_jax import attributes as attributes_lib
-from fairdiff_jax import config_cli, prompts
+from fairdiff_jax import config_checks, config_cli, prompts
 from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import from_config as eval_setup
 from fairdiff_jax.eval import grids as grids_lib
@@ -79,14 +79,12 @@ def load_prompt_lists(config) -> tuple[list[str], list[str]]:
 def check_inputs(config) -> tuple[list[str], list[str]]:
     """Every check that needs no device: asset files, prompt files, the numbers' consistency."""
     try:
+        config_checks.check_numbers(config)
         judges_lib.check_asset_files(config)
         eval_setup.check_eval_assets(config)
         train_prompts, val_prompts = load_prompt_lists(config)
     except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
-    t = config.train
-    if not 1 <= t.min_denoising_steps <= t.max_denoising_steps:
-        raise InputError(f"config.train.min_denoising_steps/max_denoising_steps = {t.min_denoising_steps}/{t.max_denoising_steps}")
     if not train_prompts:
         raise InputError("config.data.prompt_repeats leaves no training prompt")
     return train_prompts, val_prompts
