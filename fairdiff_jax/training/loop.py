@@ -40,7 +40,7 @@ from fairdiff_jax.eval import periodic
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.sd.clip_text import load_clip_text
 from fairdiff_jax.sd.loader import load_stable_diffusion
-from fairdiff_jax.training import checkpoints, optim, parallel
+from fairdiff_jax.training import checkpoints, health, optim, parallel
 from fairdiff_jax.training import step as debias_step
 
 
@@ -174,6 +174,14 @@ def next_position(epoch: int, index: int, num_prompts: int) -> dict:
     return {"epoch": epoch, "index": index + 1} if index + 1 < num_prompts else {"epoch": epoch + 1, "index": 0}
 
 
+# bool [] on device: the LoRA is finite (one compiled reduction instead of one dispatch per leaf).
+_all_finite = jax.jit(optim.all_finite)
+
+
+def _host_bool(x: jax.Array) -> bool:
+    return bool(np.asarray(x.addressable_data(0)))
+
+
 def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_prompts: list[str]) -> optim.TrainState:
     parallel.initialize_distributed()
     mesh = parallel.make_mesh()
@@ -209,6 +217,7 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
     start = int(np.asarray(state.step.addressable_data(0)))
     prompt_stream = prompts.iterate_prompts(train_prompts, config.data.shuffle_seed, position["epoch"], position["index"])
     t = config.train
+    guard, healthy = health.BadStepGuard(t.max_bad_steps), True
     with checkpointer, tqdm(total=t.max_steps, initial=start, desc="train", disable=jax.process_index() != 0) as bar:
         for step in range(start, t.max_steps):
             if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
@@ -237,8 +246,11 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
                 writer.write_image(step + 1, "train/grid", grid)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", **gaps)
             bar.update(1)
-            checkpointer.save(state, position)
-        checkpointer.save(state, position, force=True)
+            healthy = guard.update(step + 1, logged["loss"], bool(logged["skipped"]), _host_bool(_all_finite(state.params)))
+            if healthy:  # a NaN state is never checkpointed: the newest checkpoint stays one to resume from
+                checkpointer.save(state, position)
+        if healthy:
+            checkpointer.save(state, position, force=True)
     writer.close()
     return state
 
@@ -256,4 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except health.TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
