@@ -101,6 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
         if args.text_encoder_lora is None and args.unet_lora is None:
             raise ValueError("give --text_encoder_lora and/or --unet_lora (the debiased model)")
         config_checks.check_numbers(config)
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
         for flag in ("images_per_prompt", "prompts_per_kind"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

@@ -222,8 +222,11 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
                 raise InputError(str(e)) from e
 
     mesh = parallel.make_mesh()
-    sd, judges, judge_variables = load_models(config)
-    detector = judges_lib.make_detector(config)
+    try:  # a truncated weight file or a classifier of the wrong shape is the user's to fix: one line, exit 2
+        sd, judges, judge_variables = load_models(config)
+        detector = judges_lib.make_detector(config)
+    except (OSError, ValueError) as e:
+        raise InputError(str(e)) from e
     settings = debias_step.settings_from_config(config)
     stages = debias_step.Stages(sd, judges, settings, mesh, detector)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
