@@ -227,7 +227,7 @@ def _nan_unet_assets(assets, folder):
     return folder
 
 
-@pytest.mark.slow  # ~6 min on a busy 2-core CPU: 4 short training processes and 2 that stop before compiling
+@pytest.mark.slow  # ~12 min on a busy 2-core CPU: 4 short training processes and 2 that stop before compiling
 def test_broken_runs_stop_or_recover_with_a_message(tmp_path, assets, compile_cache):
     import socket
 

@@ -253,7 +253,8 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
     prompt_stream = prompts.iterate_prompts(train_prompts, config.data.shuffle_seed, position["epoch"], position["index"])
     t = config.train
     guard, healthy = health.BadStepGuard(t.max_bad_steps), True
-    with checkpointer, tqdm(total=t.max_steps, initial=start, desc="train", disable=jax.process_index() != 0) as bar:
+    with checkpointer, contextlib.closing(writer), tqdm(total=t.max_steps, initial=start, desc="train",
+                                                        disable=jax.process_index() != 0) as bar:
         for step in range(start, t.max_steps):
             if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
                 weight_sets = {"current": state.params, **({"ema": state.ema_params} if config.eval.ema else {})}
@@ -286,7 +287,9 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
                 checkpointer.save(state, position)
         if healthy:
             checkpointer.save(state, position, force=True)
-    writer.close()
+        else:
+            print(f"warning: the last step's state is not finite: no checkpoint of step {t.max_steps} "
+                  f"(the newest is {checkpointer.latest_step()})", file=sys.stderr)
     return state
 
 
