@@ -114,7 +114,10 @@ def claim_folder(save_dir: str | Path, made_by: Mapping[str, Any], prompts: Sequ
             raise StaleImagesError(f"{save_dir} holds images made otherwise ({'; '.join(problems)}): pass --overwrite to "
                                    "delete them, or choose another output folder")
         for folder in save_dir.glob("prompt_*"):
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+            if folder.is_dir():
+                shutil.rmtree(folder)
+            else:
+                folder.unlink()
         stored_prompts = []
     save_dir.mkdir(parents=True, exist_ok=True)
     longest = list(prompts) if len(prompts) >= len(stored_prompts) else stored_prompts
