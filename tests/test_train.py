@@ -179,6 +179,19 @@ def test_bad_inputs_fail_by_name_before_compiling(tmp_path, assets, compile_cach
     assert not (tmp_path / "w").exists()
 
 
+def test_a_truncated_weight_file_is_a_one_line_error(tmp_path, assets, compile_cache):
+    broken = tmp_path / "assets"
+    shutil.copytree(assets, broken)
+    (weights,) = (broken / "sd" / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:3000])  # an interrupted download
+    args = ["-m", "fairdiff_jax.train", *TINY, f"--config.assets_dir={broken}", "--workdir", str(tmp_path / "w")]
+    result = run(args, compile_cache, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read safetensors file") and str(weights) in last
+    assert "Traceback" not in result.stderr
+
+
 SAME_IMAGES_SCRIPT = """
 import sys, numpy as np
 from fairdiff_jax import config_cli
