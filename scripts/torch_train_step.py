@@ -1,4 +1,4 @@
-"""One debiasing training step in PyTorch doing the JAX step's work (debias_step.Stages), for
+"""One debiasing training step in PyTorch doing the JAX step's work (training/stages.py, training/step.py), for
 scripts/benchmark_train_step.py: the original's computation with diffusers, transformers, torchvision and kornia,
 every network loaded from the files the config names (the same files the JAX step reads).
 
@@ -61,7 +61,6 @@ from fairdiff_jax.judging.face_bank import read_face_bank_feats
 from fairdiff_jax.judging.mobilenet_v3 import HEAD_KEY, LAST_CHANNEL, WIDTH_KEY
 from fairdiff_jax.nn.weights import read_state_dict
 from fairdiff_jax.training import alignment
-from fairdiff_jax.training import step as debias_step
 
 # The host-side helpers of fairdiff_jax (box expansion, per-image factors) run on the CPU backend, so that
 # on an accelerator they neither wait for nor occupy it while PyTorch runs.
@@ -97,7 +96,8 @@ class TorchTrainStep:
     """The networks, LoRA, AdamW and EMA of a PyTorch debiasing run built from `config` (module docstring)."""
 
     def __init__(self, config, device: str | None = None):
-        self.settings = debias_step.settings_from_config(config)
+        self.config = config
+        _, _, self.expand_coef = judges_lib.detector_spec(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, config.model.dtype)
         self.img_size_small = int(config.loss.img_size_small)
@@ -114,6 +114,10 @@ class TorchTrainStep:
         self.ema = EMAModel(self.lora_parameters, decay=o.ema_decay)
         self.clip_mean, self.clip_std = _channels(CLIP_MEAN, self.device), _channels(CLIP_STD, self.device)
         self.dino_mean, self.dino_std = _channels(IMAGENET_MEAN, self.device), _channels(IMAGENET_STD, self.device)
+
+    def per_attribute(self, by_name) -> list:
+        """A config mapping {attribute: value} as a list in the debiased attributes' order."""
+        return [by_name[a] for a in self.attributes]
 
     # -- models ----------------------------------------------------------------------------------------------
 
@@ -133,14 +137,14 @@ class TorchTrainStep:
 
     def _attach_lora(self, rank: int) -> list[torch.nn.Parameter]:
         """LoRA on the trained parts (up = 0), frozen copies taken first for X0; -> the LoRA parameters."""
-        s = self.settings
+        c = self.config
         self.frozen_text_encoder, self.frozen_unet = self.text_encoder, self.unet
         params = []
-        if s.train_text_encoder:
+        if c.lora.train_text_encoder:
             self.frozen_text_encoder = copy.deepcopy(self.text_encoder)
             patch_text_encoder(self.text_encoder, rank, up_std=0.0)
             params += [p for n, p in self.text_encoder.named_parameters() if "lora_linear_layer" in n]
-        if s.train_unet:
+        if c.lora.train_unet:
             self.frozen_unet = copy.deepcopy(self.unet)
             processors, _ = attach_unet_lora(self.unet, rank, up_std=0.0)
             for layers in processors.values():
@@ -185,8 +189,8 @@ class TorchTrainStep:
         with torch.no_grad():
             cond, uncond = self._encode(text_encoder, prompt)
             return torch.cat([
-                sample_images_adjusted(unet, self.vae, self.scheduler, num_steps, chunk, cond, uncond, self.settings.guidance_scale)
-                for chunk in noise.split(self.settings.generation_batch_size)
+                sample_images_adjusted(unet, self.vae, self.scheduler, num_steps, chunk, cond, uncond, self.config.model.guidance_scale)
+                for chunk in noise.split(self.config.train.generation_batch_size)
             ])
 
     def _detect(self, images: torch.Tensor) -> tuple[detection.FaceDetections, np.ndarray]:
@@ -195,7 +199,7 @@ class TorchTrainStep:
         return found, crops.similarity_transforms(found.landmarks, found.found)
 
     def _chips(self, images: torch.Tensor, crop_boxes: np.ndarray, found: np.ndarray) -> torch.Tensor:
-        size = self.settings.size_face
+        size = self.config.faces.size_face
         no_face = torch.full((3, size, size), -1.0, dtype=images.dtype, device=images.device)
         return torch.stack([reference_face_chip(image, box, size) if has_face else no_face
                             for image, box, has_face in zip(images, crop_boxes, found)])
@@ -208,7 +212,7 @@ class TorchTrainStep:
 
     def _aligned(self, images: torch.Tensor, chip_from_image: np.ndarray, found: np.ndarray) -> torch.Tensor:
         """The original's warp of the 0..255 image (zero padding), back to [-1, 1]; rows without a face all -1."""
-        size = self.settings.size_aligned_face
+        size = self.config.faces.size_aligned_face
         matrices = torch.from_numpy(chip_from_image).to(images.device, images.dtype)
         warped = kornia.geometry.transform.warp_affine((images + 1) * 127.5, matrices, (size, size), mode="bilinear",
                                                        padding_mode="zeros", align_corners=False)
@@ -230,10 +234,10 @@ class TorchTrainStep:
 
     def _prepare(self, prompt: str, num_steps: int, step: int, laps: _Laps) -> dict:
         """Sampling, faces, OT and the per-image factors: the gradient part's batch (torch, on the device)."""
-        s = self.settings
+        c = self.config
         h = w = self.unet.config.sample_size
-        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-        noise = torch.randn((s.images_per_prompt, self.unet.config.in_channels, h, w), generator=generator)
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        noise = torch.randn((c.train.images_per_prompt, self.unet.config.in_channels, h, w), generator=generator)
         noise = noise.to(self.device, self.dtype)
         images = self._generate(self.text_encoder, self.unet, prompt, num_steps, noise)
         original_images = self._generate(self.frozen_text_encoder, self.frozen_unet, prompt, num_steps, noise)
@@ -242,8 +246,8 @@ class TorchTrainStep:
         found_faces, transforms = self._detect(images)
         found_original, original_transforms = self._detect(original_images)
         with jax.default_device(HOST):
-            crop_boxes = _host(crops.square_boxes(found_faces.boxes, s.expand_coef)).astype(int)
-            original_crop_boxes = _host(crops.square_boxes(found_original.boxes, s.expand_coef)).astype(int)
+            crop_boxes = _host(crops.square_boxes(found_faces.boxes, self.expand_coef)).astype(int)
+            original_crop_boxes = _host(crops.square_boxes(found_original.boxes, self.expand_coef)).astype(int)
         with torch.no_grad():
             probs = [p.softmax(-1) for p in self._logits(self._chips(images, crop_boxes, found_faces.found))]
             original_probs = [p.softmax(-1) for p in self._logits(self._chips(original_images, original_crop_boxes, found_original.found))]
@@ -254,19 +258,19 @@ class TorchTrainStep:
         laps.lap("faces")
 
         targets = alignment.optimal_transport_targets(
-            probs_np, found_faces.found, np.random.default_rng([s.seed, step]), s.ot_num_samples,
-            s.uncertainty_threshold, s.target_marginals,
+            probs_np, found_faces.found, np.random.default_rng([c.seed, step]), c.loss.ot_num_samples,
+            c.loss.uncertainty_threshold, self.per_attribute(c.target.marginals),
         ).targets
         laps.lap("ot")
 
         original_preds = [np.where(found_original.found, p.argmax(-1), alignment.NO_TARGET) for p in original_probs_np]
         with jax.default_device(HOST):
-            image_weights = alignment.dynamic_image_weights(targets, original_preds, found_faces.found, s.factor1)
+            image_weights = alignment.dynamic_image_weights(targets, original_preds, found_faces.found, self.per_attribute(c.loss.factor1))
             region = alignment.face_region_intersection(found_faces.boxes, found_original.boxes, found_faces.found, found_original.found)
-            region_scale = alignment.face_region_gradient_scale(targets, original_preds, found_faces.found, s.factor2)
+            region_scale = alignment.face_region_gradient_scale(targets, original_preds, found_faces.found, self.per_attribute(c.loss.factor2))
             inside = alignment.face_region_mask(region, *images.shape[2:]) > 0
             region_gradient = _host(np.where(inside, _host(region_scale)[:, None, None], 1.0))
-            use_original = alignment.use_original_face_feature(targets, original_preds, original_probs_np, s.confidence_level)
+            use_original = alignment.use_original_face_feature(targets, original_preds, original_probs_np, c.loss.confidence_level)
         on_device = lambda a, dtype=None: torch.from_numpy(np.array(a)).to(self.device, dtype)  # noqa: E731
         return dict(
             noise=noise, crop_boxes=crop_boxes, found=found_faces.found, chip_from_image=transforms,
@@ -279,10 +283,10 @@ class TorchTrainStep:
 
     def _micro_batch_loss(self, prompt: str, num_steps: int, batch: dict, rows: slice) -> torch.Tensor:
         """Per-image loss [m] (fairdiff_jax.training.alignment.alignment_loss's terms) of the images `rows`, with gradient."""
-        s = self.settings
+        c = self.config
         cond, uncond = self._encode(self.text_encoder, prompt)
         images = sample_images_adjusted(self.unet, self.vae, self.scheduler, num_steps, batch["noise"][rows], cond, uncond,
-                                        s.guidance_scale)
+                                        c.model.guidance_scale)
         found_np = batch["found"][rows]
         found = torch.from_numpy(found_np).to(self.device)
         logits = self._logits(self._chips(images, batch["crop_boxes"][rows], found_np))
@@ -301,9 +305,9 @@ class TorchTrainStep:
             ce = F.cross_entropy(attribute_logits, targets[:, a].clamp(min=0), reduction="none")
             per_image = per_image + torch.where(present, ce, 0.0)
         semantics = (1 - (clip * batch["original_clip"][rows]).sum(-1)) + (1 - (dino * batch["original_dino"][rows]).sum(-1))
-        per_image = per_image + s.weight_img * batch["image_weights"][rows] * semantics
+        per_image = per_image + c.loss.weight_img * batch["image_weights"][rows] * semantics
         face_term = 1 - (face * face_target).sum(-1)
-        return per_image + s.weight_face * torch.where(found, face_term, 0.0)
+        return per_image + c.loss.weight_face * torch.where(found, face_term, 0.0)
 
     def run(self, prompt: str, num_steps: int, step: int, timings: dict | None = None) -> dict:
         """One training step with `num_steps` denoising steps. timings: if given, filled with the seconds of
@@ -312,8 +316,8 @@ class TorchTrainStep:
         laps = _Laps(timings, self.device)
         batch = self._prepare(prompt, num_steps, step, laps)
         self.optimizer.zero_grad(set_to_none=True)
-        m = self.settings.micro_batch_size
-        starts = range(0, self.settings.images_per_prompt, m)
+        m = self.config.train.micro_batch_size
+        starts = range(0, self.config.train.images_per_prompt, m)
         losses = []
         for start in starts:
             per_image = self._micro_batch_loss(prompt, num_steps, batch, slice(start, start + m))

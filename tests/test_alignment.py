@@ -321,10 +321,11 @@ def test_alignment_loss_hand_checked():
     face_feats = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]])
     face_targets = jnp.array([[0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     weights = jnp.array([1.0, 0.6, 0.2])
-    per_image, logs = al.alignment_loss(
+    per_image, terms = al.alignment_loss(
         (logits_gender, logits_race), targets, face, clip, clip_ori, dino, dino_ori,
         face_feats, face_targets, weights, weight_loss_img=8.0, weight_loss_face=0.1,
     )
+    logs = al.term_means(terms)
     # Image 0: CE_g = ln(4/3); CE_r = ln 4 (uniform over 4); CLIP 1 - 0.6 = 0.4; DINO 0;
     #          face 1 - 0.8 = 0.2 -> ln(4/3) + ln 4 + 8 * 1 * 0.4 + 0.1 * 0.2.
     # Image 1: CE_g absent; CE_r: probs (1, 2, 1, 1)/5 -> ln(5/2); CLIP 0; DINO 1;
@@ -342,7 +343,7 @@ def test_alignment_loss_hand_checked():
     )
     np.testing.assert_allclose(jitted, expected, rtol=1e-6)
     np.testing.assert_allclose(logs["loss_fair_gender"], math.log(4 / 3), rtol=1e-6)
-    assert int(logs["loss_fair_gender/count"]) == 1
+    assert int(terms["loss_fair_gender"][1].sum()) == 1
     np.testing.assert_allclose(logs["loss_fair_race"], (math.log(4) + math.log(2.5)) / 2, rtol=1e-6)
     np.testing.assert_allclose(logs["loss_CLIP"], (0.4 + 0 + 2) / 3, rtol=1e-6)
     np.testing.assert_allclose(logs["loss_DINO"], 1 / 3, rtol=1e-6)
@@ -365,9 +366,9 @@ def test_alignment_loss_hand_checked():
 
     # Merging two micro-batches weights each mean by its count: a second batch with one
     # gender term of value 2 -> (ln(4/3) * 1 + 2 * 1) / 2.
-    other = {k: v for k, v in logs.items()}
-    other["loss_fair_gender"], other["loss_fair_gender/count"] = 2.0, 1
-    merged = al.merge_logged_means([logs, other])
+    other = dict(terms, loss_fair_gender=(jnp.array([2.0, 0.0, 0.0]), jnp.array([True, False, False])))
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), terms, other)
+    merged = al.term_means(both)
     np.testing.assert_allclose(merged["loss_fair_gender"], (math.log(4 / 3) + 2) / 2, rtol=1e-6)
-    empty = {k: (0 if k.endswith("/count") else 0.0) for k in logs}
-    assert "loss_face" not in al.merge_logged_means([empty])
+    empty = jax.tree.map(jnp.zeros_like, terms)
+    assert "loss_face" not in al.term_means(empty)

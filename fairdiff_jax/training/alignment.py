@@ -440,16 +440,14 @@ def alignment_loss(
     weight_loss_img: float = 8.0,
     weight_loss_face: float = 0.1,
     attribute_names: Sequence[str] = ("gender", "race"),
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-image training loss (SPEC 5 step 7) and logging terms.
+) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+    """Per-image training loss (docs/method.md#the-loss) and each of its terms, computed once.
 
     loss_i = sum_a CE_a,i [face found, target_a,i != -1]
              + weight_loss_img * w_i * ((1 - cos CLIP_i) + (1 - cos DINO_i))
              + weight_loss_face * (1 - <f_i, target_i>) [face found]
-    Absent terms contribute 0. Normalisation: as in the original, the fairness cross-entropies are
-    per image (not averaged over attributes or present images); the train step differentiates the
-    MEAN OVER ALL IMAGES of the micro-batch, faces or not (`per_image_loss.mean()`), then averages
-    gradients over micro-batches and devices.
+    Absent terms contribute 0. The fairness cross-entropies are per image (not averaged over attributes or
+    present images); the train step differentiates the MEAN OVER ALL IMAGES, faces or not.
 
     Args:
         attribute_logits: per attribute [N, K_a] (with gradient, from the chips of X).
@@ -459,12 +457,12 @@ def alignment_loss(
             `scale_face_region_gradient`) and of X0. Likewise dino_feats, original_dino_feats [N, Dd].
         face_feats: [N, Df] face features of X; face_target_feats: [N, Df] from `face_feature_targets`.
         image_weights: [N] from `dynamic_image_weights`.
-        attribute_names: names used in the log keys.
+        attribute_names: names used in the term names.
     Returns:
-        per_image_loss: [N] float32.
-        logs: for each term - "loss_fair_<name>", "loss_CLIP", "loss_DINO", "loss_face", "loss" - the
-            mean over the images where it is present (0 if none) under its name, and the number of
-            those images under "<name>/count" (merge micro-batches with `merge_logged_means`).
+        per_image_loss: [N] float32 (with gradient).
+        terms: {name: (values [N] float32, present [N] bool)} without gradient, for "loss_fair_<name>",
+            "loss_CLIP", "loss_DINO", "loss_face" (unweighted) and "loss" (the total); `term_means`
+            turns them into the logged means.
     """
     face_found = jnp.asarray(face_found)
     everywhere = jnp.ones(face_found.shape, dtype=bool)
@@ -485,27 +483,15 @@ def alignment_loss(
     terms["loss_DINO"] = (dino_term, everywhere)
     terms["loss_face"] = (face_term, face_found)
     terms["loss"] = (per_image, everywhere)
+    return per_image, jax.lax.stop_gradient(terms)
 
-    logs = {}
+
+def term_means(terms: Mapping[str, tuple[ArrayLike, ArrayLike]]) -> dict[str, float]:
+    """Host side: {name: mean of values over the images where present} from `alignment_loss`'s terms (any
+    leading shape, e.g. several micro-batches or devices concatenated); terms present nowhere are left out."""
+    means = {}
     for name, (values, present) in terms.items():
-        count = present.sum()
-        total = jnp.sum(jnp.where(present, jax.lax.stop_gradient(values), 0.0))
-        logs[name] = total / jnp.maximum(count, 1)
-        logs[f"{name}/count"] = count
-    return per_image, logs
-
-
-def merge_logged_means(logs: Sequence[Mapping[str, ArrayLike]]) -> dict[str, float]:
-    """Merges `alignment_loss` logs of several micro-batches / devices into one mean per term.
-
-    Each term's mean is weighted by its count; terms present in no image are left out (as the
-    original drops empty log entries). Host side; returns python floats.
-    """
-    merged = {}
-    names = [k for k in (logs[0] if logs else {}) if not k.endswith("/count")]
-    for name in names:
-        counts = np.array([float(np.asarray(log[f"{name}/count"])) for log in logs])
-        if counts.sum() > 0:
-            means = np.array([float(np.asarray(log[name])) for log in logs])
-            merged[name] = float((means * counts).sum() / counts.sum())
-    return merged
+        values, present = np.asarray(values, np.float64), np.asarray(present, bool)
+        if present.any():
+            means[name] = float(values[present].mean())
+    return means

@@ -119,6 +119,21 @@ def shard_batch(host_local_tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, host_local_tree)
 
 
+def shard_global(whole_batch_tree: Any, mesh: Mesh) -> Any:
+    """Whole-batch host arrays [B, ...] (the same on every process) -> global arrays split over 'data'.
+
+    Each process places only the rows of its own devices, so nothing crosses hosts (e.g. the face boxes and
+    the OT targets every host computed for the whole batch).
+    """
+    sharding = data_sharded(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, whole_batch_tree)
+
+
 def host_local(tree: Any, mesh: Mesh) -> Any:
     """This process's rows of data-sharded global arrays, as numpy (e.g. images for face detection)."""
     local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(DATA_AXIS))
