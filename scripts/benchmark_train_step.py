@@ -28,7 +28,7 @@ warm-up. Output, after the JAX lines:
     workers sleep too);
   - per-step PyTorch timings and loss, then a table of median seconds per part, JAX and PyTorch side by side,
     and the ratio PyTorch s / JAX s per part and per step. OT is the same host code in both steps
-    (alignment.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
+    (ot_targets.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
   - on an accelerator, the achieved fraction of peak of the JAX step, per part and per step: XLA-counted FLOPs
     (the bracket above) / seconds / the device's dense peak FLOP/s (PEAK_FLOPS, by device_kind; bfloat16 and
     float32); "n/a on CPU" otherwise.

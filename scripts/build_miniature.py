@@ -16,7 +16,7 @@ Writes under --out:
     face_feats.pkl            face bank: the original's 5-tuple over world faces
     clip_vision/, dinov2/     transformers CLIPVisionModelWithProjection / Dinov2Model, tiny, trained to
                               embed the image's coarse content (train_similarity_tower)
-    prompts/                  the world's four prompt files (SPEC 4 schema)
+    prompts/                  the world's four prompt files (docs/method.md#prompts)
     manifest.json             what was built, sizes, timings, accuracies, and each prompt's true bias
 
 Every trained or random weight is rounded to float16 as soon as it is final and stored as float16
@@ -298,7 +298,7 @@ def train_generator(
     classifier-free guidance). The squared error is weighted per latent cell by `latent_weights`
     [N, 1, h, w] (faces count more: the attributes are small next to the scene) and per sample by
     min(SNR, gamma) / SNR (Min-SNR-gamma, Hang et al. 2023); neither moves the optimum, the
-    conditional mean of the noise, only where capacity goes first and how fast it gets there. Conditioning is exactly the sampler's (SPEC 1b): a batch holds
+    conditional mean of the noise, only where capacity goes first and how fast it gets there. Conditioning is exactly the sampler's (docs/method.md#sampler): a batch holds
     prompts of one token length L, unpadded, and "" is padded to L with its attention mask, so
     the UNet never sees a padding it will not see when sampling. Returns EMA copies (eval mode).
     """
@@ -357,7 +357,7 @@ def train_generator(
 
 
 def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, vocab, merges) -> Path:
-    """The diffusers folder, with the original's scheduler (SPEC 1b) and SD's tokenizer files."""
+    """The diffusers folder, with the paper's scheduler (docs/method.md#sampler) and SD's tokenizer files."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -475,7 +475,7 @@ ALIGNED_SIZE = 112
 
 
 class TorchSFNet(torch.nn.Module):
-    """opensphere's SFNet-20, "sfnet20_deprecated" variant (SPEC 1a: convs with bias, no
+    """opensphere's SFNet-20, "sfnet20_deprecated" variant (the paper's checkpoint: convs with bias, no
     normalisation, x + relu(conv2(relu(conv1(x)))) blocks, fc over the channel-major 7x7 map),
     with configurable stage widths. Module names are opensphere's (layer{s}.{b}.conv{1,2}, fc)."""
 
@@ -542,7 +542,7 @@ def aligned_world_faces(renders: world.Renders, batch_size: int = 1000) -> np.nd
 
 @torch.no_grad()
 def sfnet_features(net: TorchSFNet, aligned: np.ndarray) -> torch.Tensor:
-    """normalize(f(x) + f(flip_lr(x))), the face-realism feature (SPEC 5 step 7), [N, SFNET_FEATURE_DIM]."""
+    """normalize(f(x) + f(flip_lr(x))), the face-realism feature (docs/method.md#the-loss), [N, SFNET_FEATURE_DIM]."""
     feats = []
     for start in range(0, len(aligned), 250):
         x = to_torch(aligned[start:start + 250])
@@ -674,7 +674,7 @@ def save_similarity_towers(out: Path, images: np.ndarray, steps: int, seed: int,
 
 
 def true_bias(prompt: str) -> dict:
-    """The world's own distribution for a prompt and its gaps (SPEC 6's bias, on probabilities)."""
+    """The world's own distribution for a prompt and its gaps (docs/method.md#metrics: bias, on probabilities)."""
     spec = world.parse_prompt(prompt)
     joint = world.joint_distribution(spec)
     return {

@@ -1,5 +1,5 @@
 """The miniature world: determinism, exact geometry, visible attributes, the configured biases, and
-its prompt files (SPEC 4 schema, every prompt readable by the world)."""
+its prompt files (docs/method.md#prompts schema, every prompt readable by the world)."""
 
 import json
 from pathlib import Path

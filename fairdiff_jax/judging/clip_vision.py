@@ -153,7 +153,7 @@ class CLIPVisionWithProjection(nn.Module):
 
 
 def clip_image_embeds(model: CLIPVisionWithProjection, params: Params, images: jax.Array) -> jax.Array:
-    """The CLIP feature of the image-semantics loss (SPEC 1, 5.7); differentiable w.r.t. `images`.
+    """The CLIP feature of the image-semantics loss (docs/method.md#the-loss); differentiable w.r.t. `images`.
 
     images: [N, H, W, 3] float32 in [-1, 1] (square) -> resized to the tower's image_size (`resize_bilinear`),
     mapped to [0, 1], CLIP mean/std normalised, image_embeds; returns [N, projection_dim] float32, unit L2 norm.

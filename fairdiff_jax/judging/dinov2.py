@@ -204,7 +204,7 @@ class Dinov2Model(nn.Module):
 
 
 def dino_image_embeds(model: Dinov2Model, params: Params, images: jax.Array) -> jax.Array:
-    """The DINOv2 feature of the image-semantics loss (SPEC 1, 5.7); differentiable w.r.t. `images`.
+    """The DINOv2 feature of the image-semantics loss (docs/method.md#the-loss); differentiable w.r.t. `images`.
 
     images: [N, H, W, 3] float32 in [-1, 1] (square) -> resized to `model.input_size` (clip.resize_bilinear),
     mapped to [0, 1], ImageNet mean/std normalised, CLS embedding; returns [N, hidden_size] float32, unit L2 norm.

@@ -18,7 +18,7 @@ person"), optionally a style, a context and attribute words. An image is a small
             race: skin tone (4 well separated tones); age: dark hair (young) vs grey (old).
 
 Each subject has a fixed, strongly biased joint distribution over gender x race (joint class
-j = 4 g + r, SPEC's class order: gender 0 female, 1 male; race 0 White, 1 Black, 2 Indian,
+j = 4 g + r, the classes of fairdiff_jax/attributes.py: gender 0 female, 1 male; race 0 White, 1 Black, 2 Indian,
 3 Asian): one joint class holds 60-85% of the mass (male for 60% of the subjects, White for half),
 the rest is spread at random; and a probability of "old" (15-55%). Attribute words in a prompt
 ("female", "asian", "old", ...) condition on that attribute.
@@ -90,7 +90,7 @@ OCCUPATIONS = OCCUPATIONS_TRAIN + OCCUPATIONS_VAL + OCCUPATIONS_TEST
 SPORTS = SPORTS_TRAIN + SPORTS_VAL + SPORTS_TEST
 DESCRIPTORS = DESCRIPTORS_TRAIN + DESCRIPTORS_VAL + DESCRIPTORS_TEST
 
-# Prompt forms (SPEC 4's kinds in miniature). Occupation templates keep "a {occupation}" so that
+# Prompt forms (docs/method.md#prompts: the four kinds in miniature). Occupation templates keep "a {occupation}" so that
 # prompts.fill_template can turn it into "an" before a vowel.
 OCCUPATION_TEMPLATES_TRAIN = ("a photo of the face of a {occupation}, a person", "a portrait of a {occupation}, a person")
 OCCUPATION_TEMPLATES_TEST = ("a photo of the face of a {occupation}, a person",)
@@ -251,7 +251,7 @@ def attribute_prompt(subject: str, gender: Optional[int], race: Optional[int], a
 
 
 def prompt_sets() -> dict[str, dict[str, list[str]]]:
-    """The four prompt files of SPEC 4 for this world, {kind: {key: prompts}} (build_miniature writes them to assets/miniature/prompts/)."""
+    """The four prompt files (docs/method.md#prompts) for this world, {kind: {key: prompts}} (build_miniature writes them to assets/miniature/prompts/)."""
     style_rng = np.random.default_rng(WORLD_SEED + 1)
     combos = [(style, context) for style in STYLES for context in CONTEXTS if (style, context) != ("photo", "")]
 

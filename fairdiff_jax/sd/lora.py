@@ -10,7 +10,7 @@ shardings simple (no '/' inside keys; `jax.tree.map` over a plain nested dict).
 Orientation: Flax kernels are [in, out], so `down` here is the transpose of PyTorch's
 `down.weight` [r, in] and `up` the transpose of `up.weight` [out, r]; the files hold PyTorch's layout.
 
-Targets (SPEC section 2): in the CLIP text encoder, every layer's self_attn q_proj, k_proj, v_proj,
+Targets (docs/method.md#models): in the CLIP text encoder, every layer's self_attn q_proj, k_proj, v_proj,
 out_proj and mlp fc1, fc2; in the UNet, to_q, to_k, to_v, to_out.0 of every attn1 and attn2 (down, mid
 and up blocks).
 

@@ -1,4 +1,4 @@
-"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (SPEC 5).
+"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (docs/method.md).
 
     python -m fairdiff_jax.train --config configs/debias_text_encoder.py --workdir workdirs/te [--resume] \\
         [--config.train.micro_batch_size=2 ...]

@@ -33,7 +33,7 @@ from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.sd import lora as lora_lib
 from fairdiff_jax.sd import sampler
 from fairdiff_jax.sd.loader import StableDiffusion
-from fairdiff_jax.training import alignment, parallel
+from fairdiff_jax.training import alignment, ot_targets, parallel
 from fairdiff_jax.training.stages import Stages, Text, encode_prompt, merged
 
 # ---- the LoRA and the frozen weights --------------------------------------------------------------------
@@ -115,7 +115,7 @@ class Prepared(NamedTuple):
     original_detections: detection_lib.FaceDetections
     probs: list  # per attribute [B, K_a], of X
     original_probs: list
-    targets: alignment.OTTargets
+    targets: ot_targets.OTTargets
 
 
 def prepare(
@@ -148,12 +148,12 @@ def prepare(
     probs, original_probs = ([np.asarray(p) for p in ps] for ps in parallel.gather_to_hosts((probs, original_probs)))
     clock.lap("faces", original_features)
 
-    targets = alignment.optimal_transport_targets(
+    targets = ot_targets.optimal_transport_targets(
         probs, detections.found, np.random.default_rng([config.seed, step]), config.loss.ot_num_samples,
         config.loss.uncertainty_threshold, [config.target.marginals[a] for a in stages.judges.attributes],
     )
     clock.lap("ot")
-    original_preds = [np.where(original_detections.found, p.argmax(-1), alignment.NO_TARGET) for p in original_probs]
+    original_preds = [np.where(original_detections.found, p.argmax(-1), ot_targets.NO_TARGET) for p in original_probs]
     host_batch = dict(
         found=detections.found,
         boxes=detections.boxes,
