@@ -17,16 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.nn.attention import AttentionImpl
-from fairdiff_jax.nn.layers import l2_normalize
 from fairdiff_jax.nn.transformer import (
     WEIGHT_STEMS,
-    CLIPEncoder,
     check_activation,
     check_heads,
+    clip_encoder,
     known_fields,
     layer_norm,
-    resize_bilinear,
-    sub_config,
+    normalized_tower_features,
+    tower_fields,
 )
 from fairdiff_jax.nn.weights import (
     convert_state_dict,
@@ -66,15 +65,8 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
-        """From a CLIPVisionModelWithProjection config.json dict, or a CLIPModel one.
-
-        For a CLIPModel the projection width is the top-level `projection_dim` (what its
-        visual_projection was built with); the nested vision_config's own `projection_dim` is often a stale
-        default (512) there.
-        """
-        fields = sub_config(config, "vision_config", ("clip_vision_model", "clip"))
-        if "vision_config" in config or "vision_config_dict" in config:
-            fields["projection_dim"] = config.get("projection_dim", cls.projection_dim)
+        """From a CLIPVisionModelWithProjection config.json dict, or a CLIPModel one (`tower_fields`)."""
+        fields = tower_fields(config, "vision_config", ("clip_vision_model", "clip"), cls.projection_dim)
         return cls(**known_fields(cls, fields))
 
 
@@ -117,7 +109,7 @@ class CLIPVisionTransformer(nn.Module):
         cfg = self.config
         x = CLIPVisionEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
         x = layer_norm(x, cfg.layer_norm_eps, self.param_dtype, "pre_layrnorm")
-        x = CLIPEncoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="encoder")(x)
+        x = clip_encoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat)(x)
         return layer_norm(x[:, 0], cfg.layer_norm_eps, self.param_dtype, "post_layernorm")
 
 
@@ -155,13 +147,11 @@ class CLIPVisionWithProjection(nn.Module):
 def clip_image_embeds(model: CLIPVisionWithProjection, params: Params, images: jax.Array) -> jax.Array:
     """The CLIP feature of the image-semantics loss (docs/method.md#the-loss); differentiable w.r.t. `images`.
 
-    images: [N, H, W, 3] float32 in [-1, 1] (square) -> resized to the tower's image_size (`resize_bilinear`),
-    mapped to [0, 1], CLIP mean/std normalised, image_embeds; returns [N, projection_dim] float32, unit L2 norm.
+    images: [N, H, W, 3] float32 in [-1, 1] (square) at the tower's image_size, CLIP mean/std normalised
+    (`normalized_tower_features`); returns [N, projection_dim] float32, unit L2 norm.
     """
-    pixels = resize_bilinear(images.astype(jnp.float32), model.config.image_size)
-    pixels = ((pixels + 1.0) * 0.5 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-    embeds = model.apply({"params": params}, pixels.astype(model.dtype))
-    return l2_normalize(embeds.astype(jnp.float32))
+    apply = lambda pixels: model.apply({"params": params}, pixels)  # noqa: E731
+    return normalized_tower_features(apply, images, model.config.image_size, CLIP_MEAN, CLIP_STD, model.dtype)
 
 
 def clip_vision_params(model: CLIPVisionWithProjection, state_dict: Mapping[str, np.ndarray], source: str) -> Params:
