@@ -21,6 +21,8 @@ from fairdiff_jax.nn.transformer import (
     WEIGHT_STEMS,
     check_activation,
     check_heads,
+    check_pixels,
+    class_and_patch_tokens,
     clip_encoder,
     known_fields,
     layer_norm,
@@ -79,16 +81,8 @@ class CLIPVisionEmbeddings(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """[B, S, S, C] -> [B, 1 + (S/patch)^2, D]: class token first, then patches in row-major order."""
         cfg = self.config
-        patch = (cfg.patch_size, cfg.patch_size)
-        patches = nn.Conv(
-            cfg.hidden_size, patch, strides=patch, padding="VALID", use_bias=False,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
-        )(pixel_values)
-        batch = patches.shape[0]
-        patches = patches.reshape(batch, -1, cfg.hidden_size)
         class_embedding = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,), self.param_dtype)
-        class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, cfg.hidden_size))
-        x = jnp.concatenate([class_tokens, patches], axis=1)
+        x = class_and_patch_tokens(self, pixel_values, cfg.hidden_size, cfg.patch_size, False, "patch_embedding", class_embedding)
         positions = nn.Embed(
             x.shape[1], cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="position_embedding"
         )(jnp.arange(x.shape[1]))
@@ -126,9 +120,7 @@ class CLIPVisionWithProjection(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values: [B, image_size, image_size, num_channels], CLIP-normalised. Returns [B, projection_dim]."""
         cfg = self.config
-        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
-        if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this CLIP tower takes [B, *{expected}]")
+        check_pixels(pixel_values, cfg.image_size, cfg.num_channels, "CLIP tower")
         pooled = CLIPVisionTransformer(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="vision_model")(
             pixel_values
         )

@@ -31,8 +31,11 @@ from fairdiff_jax.nn.transformer import (
     DINOV2_LAYER_NAMES,
     WEIGHT_STEMS,
     PreNormEncoder,
+    PreNormSpec,
     check_activation,
     check_heads,
+    check_pixels,
+    class_and_patch_tokens,
     known_fields,
     layer_norm,
     normalized_tower_features,
@@ -121,19 +124,12 @@ class Dinov2Embeddings(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """[B, S, S, C] -> [B, 1 + (S/patch)^2, D]: CLS first, then patches row-major, plus position embeddings."""
         cfg = self.config
-        patch = (cfg.patch_size, cfg.patch_size)
-        patches = nn.Conv(
-            cfg.hidden_size, patch, strides=patch, padding="VALID",
-            dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embeddings",
-        )(pixel_values)
-        batch = patches.shape[0]
-        patches = patches.reshape(batch, -1, cfg.hidden_size)
         cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, cfg.hidden_size), self.param_dtype)
+        x = class_and_patch_tokens(self, pixel_values, cfg.hidden_size, cfg.patch_size, True, "patch_embeddings", cls_token)
         tokens = 1 + (self.input_size // cfg.patch_size) ** 2
         positions = self.param(
             "position_embeddings", nn.initializers.normal(0.02), (1, tokens, cfg.hidden_size), self.param_dtype
         )
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, cfg.hidden_size)), patches], axis=1)
         return x + positions.astype(self.dtype)
 
 
@@ -152,15 +148,13 @@ class Dinov2Model(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values: [B, input_size, input_size, num_channels], ImageNet-normalised. Returns [B, hidden_size]."""
         cfg = self.config
-        expected = (self.input_size, self.input_size, cfg.num_channels)
-        if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this DINOv2 takes [B, *{expected}]")
+        check_pixels(pixel_values, self.input_size, cfg.num_channels, "DINOv2")
         x = Dinov2Embeddings(cfg, self.input_size, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
-        x = PreNormEncoder(
-            cfg.num_hidden_layers, cfg.num_attention_heads, int(cfg.hidden_size * cfg.mlp_ratio), cfg.hidden_act,
-            cfg.layer_norm_eps, DINOV2_LAYER_NAMES, layer_scale=True, dtype=self.dtype, param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl, remat=self.remat, name="encoder",
-        )(x)
+        spec = PreNormSpec(cfg.num_attention_heads, int(cfg.hidden_size * cfg.mlp_ratio), cfg.hidden_act,
+                           cfg.layer_norm_eps, DINOV2_LAYER_NAMES, layer_scale=True)
+        encoder = PreNormEncoder(cfg.num_hidden_layers, spec, self.dtype, self.param_dtype, self.attention_impl, self.remat,
+                                 name="encoder")
+        x = encoder(x)
         # LayerNorm is per token: normalising only the CLS token equals normalising all and taking the first.
         return layer_norm(x[:, 0], cfg.layer_norm_eps, self.param_dtype, "layernorm")
 

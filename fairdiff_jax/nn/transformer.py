@@ -143,9 +143,10 @@ CLIP_LAYER_NAMES = LayerNames("layer_norm1", "self_attn", "layer_norm2", "layers
 DINOV2_LAYER_NAMES = LayerNames("norm1", "attention", "norm2", "layer_")
 
 
-class PreNormLayer(nn.Module):
-    """Pre-LN transformer layer: x + s1 * attn(norm1(x)), then x + s2 * mlp(norm2(x)); s1, s2 are learned
-    per-channel scales `layer_scale1/2` (DINOv2's LayerScale) when `layer_scale`, else absent (CLIP)."""
+@dataclasses.dataclass(frozen=True)
+class PreNormSpec:
+    """What a pre-norm layer computes: heads, MLP width and activation, LayerNorm epsilon, parameter names,
+    and whether the two branches carry DINOv2's learned per-channel LayerScale."""
 
     num_heads: int
     mlp_features: int
@@ -153,12 +154,19 @@ class PreNormLayer(nn.Module):
     epsilon: float
     names: LayerNames
     layer_scale: bool = False
+
+
+class PreNormLayer(nn.Module):
+    """Pre-LN transformer layer: x + s1 * attn(norm1(x)), then x + s2 * mlp(norm2(x)); s1, s2 are the learned
+    `layer_scale1/2` when `spec.layer_scale` (DINOv2), else absent (CLIP)."""
+
+    spec: PreNormSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: AttentionImpl = "xla"
 
     def _scaled(self, h: jax.Array, name: str) -> jax.Array:
-        if not self.layer_scale:
+        if not self.spec.layer_scale:
             return h
         scale = self.param(name, nn.initializers.ones, (h.shape[-1],), self.param_dtype)
         return scale.astype(self.dtype) * h
@@ -166,12 +174,12 @@ class PreNormLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         """x: [B, T, D]; mask: boolean, broadcastable to [B, heads, T, T], True = may attend."""
-        names = self.names
-        h = layer_norm(x, self.epsilon, self.param_dtype, names.norm1)
-        attention = SelfAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name=names.attention)
+        spec, names = self.spec, self.spec.names
+        h = layer_norm(x, spec.epsilon, self.param_dtype, names.norm1)
+        attention = SelfAttention(spec.num_heads, self.dtype, self.param_dtype, self.attention_impl, name=names.attention)
         x = x + self._scaled(attention(h, mask), "layer_scale1")
-        h = layer_norm(x, self.epsilon, self.param_dtype, names.norm2)
-        h = MLP(self.mlp_features, self.activation, self.dtype, self.param_dtype, name="mlp")(h)
+        h = layer_norm(x, spec.epsilon, self.param_dtype, names.norm2)
+        h = MLP(spec.mlp_features, spec.activation, self.dtype, self.param_dtype, name="mlp")(h)
         return x + self._scaled(h, "layer_scale2")
 
 
@@ -179,12 +187,7 @@ class PreNormEncoder(nn.Module):
     """`num_layers` PreNormLayers; `remat` recomputes each layer in the backward pass."""
 
     num_layers: int
-    num_heads: int
-    mlp_features: int
-    activation: str
-    epsilon: float
-    names: LayerNames
-    layer_scale: bool = False
+    spec: PreNormSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: AttentionImpl = "xla"
@@ -194,8 +197,7 @@ class PreNormEncoder(nn.Module):
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         layer_cls = nn.remat(PreNormLayer) if self.remat else PreNormLayer
         for i in range(self.num_layers):
-            layer = layer_cls(self.num_heads, self.mlp_features, self.activation, self.epsilon, self.names, self.layer_scale,
-                              self.dtype, self.param_dtype, self.attention_impl, name=f"{self.names.layer_prefix}{i}")
+            layer = layer_cls(self.spec, self.dtype, self.param_dtype, self.attention_impl, name=f"{self.spec.names.layer_prefix}{i}")
             x = layer(x, mask)
         return x
 
@@ -203,11 +205,29 @@ class PreNormEncoder(nn.Module):
 def clip_encoder(config: Any, dtype: Dtype, param_dtype: Dtype, attention_impl: AttentionImpl, remat: bool) -> PreNormEncoder:
     """The encoder of a CLIP text or vision tower (config: num_hidden_layers, num_attention_heads,
     intermediate_size, hidden_act, layer_norm_eps), named `encoder` as in the checkpoints."""
-    return PreNormEncoder(
-        config.num_hidden_layers, config.num_attention_heads, config.intermediate_size, config.hidden_act,
-        config.layer_norm_eps, CLIP_LAYER_NAMES, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-        remat=remat, name="encoder",
-    )
+    spec = PreNormSpec(config.num_attention_heads, config.intermediate_size, config.hidden_act, config.layer_norm_eps,
+                       CLIP_LAYER_NAMES)
+    return PreNormEncoder(config.num_hidden_layers, spec, dtype, param_dtype, attention_impl, remat, name="encoder")
+
+
+def class_and_patch_tokens(module: nn.Module, pixel_values: jax.Array, width: int, patch_size: int, use_bias: bool,
+                           conv_name: str, class_token: jax.Array) -> jax.Array:
+    """[B, S, S, C] -> [B, 1 + (S/patch)^2, width]: `class_token` (any shape of `width` values) first, then the
+    non-overlapping patches' linear embeddings (a stride-patch conv named `conv_name`) in row-major order.
+    Call from `module`'s compact method; dtypes are the module's."""
+    patch = (patch_size, patch_size)
+    patches = nn.Conv(width, patch, strides=patch, padding="VALID", use_bias=use_bias, dtype=module.dtype,
+                      param_dtype=module.param_dtype, parent=module, name=conv_name)(pixel_values)
+    batch = patches.shape[0]
+    class_tokens = jnp.broadcast_to(class_token.astype(module.dtype).reshape(1, 1, width), (batch, 1, width))
+    return jnp.concatenate([class_tokens, patches.reshape(batch, -1, width)], axis=1)
+
+
+def check_pixels(pixel_values: jax.Array, size: int, channels: int, tower: str) -> None:
+    """Raises a ValueError naming the tower unless pixel_values is [B, size, size, channels]."""
+    expected = (size, size, channels)
+    if tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this {tower} takes [B, *{expected}]")
 
 
 def normalized_tower_features(apply: Callable[[jax.Array], jax.Array], images: jax.Array, size: int,
