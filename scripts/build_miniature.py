@@ -44,7 +44,7 @@ from fairdiff_jax import prompts as prompt_lib
 from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import grids
 from fairdiff_jax.judging import crops
-from fairdiff_jax.miniature import world
+from fairdiff_jax.miniature import drawing, world
 from fairdiff_jax.sd import tiny as tiny_sd
 
 LATENT_CHANNELS = 4
@@ -200,7 +200,7 @@ def to_torch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32))
 
 
-def face_weights(renders: world.Renders, size: int, weight: float) -> torch.Tensor:
+def face_weights(renders: drawing.Renders, size: int, weight: float) -> torch.Tensor:
     """[N, 1, size, size] loss weights on a grid of `size` cells over the image (the pixels, or the
     latent cells): `weight` on the cells whose centre lies in the face box grown by half, else 1."""
     cell = renders.images.shape[1] / size
@@ -213,7 +213,7 @@ def face_weights(renders: world.Renders, size: int, weight: float) -> torch.Tens
     return torch.from_numpy(np.where(inside, weight, 1.0).astype(np.float32))[:, None]
 
 
-def train_vae(renders: world.Renders, steps: int, seed: int, log: Log, batch_size: int = 32, learning_rate: float = 2e-3):
+def train_vae(renders: drawing.Renders, steps: int, seed: int, log: Log, batch_size: int = 32, learning_rate: float = 2e-3):
     """AutoencoderKL trained as SD's first stage, briefly: L1 + MSE reconstruction (faces weighted
     4x: the attributes live there) + a small KL term, AdamW with warm-up and cosine decay."""
     from diffusers import AutoencoderKL
@@ -242,12 +242,12 @@ def train_vae(renders: world.Renders, steps: int, seed: int, log: Log, batch_siz
     return round_to_stored(vae.eval())
 
 
-def first(renders: world.Renders, n: int) -> world.Renders:
-    return world.Renders(**{f: getattr(renders, f)[:n] for f in world.Renders.__dataclass_fields__})
+def first(renders: drawing.Renders, n: int) -> drawing.Renders:
+    return drawing.Renders(**{f: getattr(renders, f)[:n] for f in drawing.Renders.__dataclass_fields__})
 
 
 @torch.no_grad()
-def decoded(vae, renders: world.Renders, batch_size: int = 500) -> world.Renders:
+def decoded(vae, renders: drawing.Renders, batch_size: int = 500) -> drawing.Renders:
     """The renders as the generator's decoder draws them (encoded to the posterior mean, decoded,
     clamped to [-1, 1]), with the same ground truth: training data that looks like generated images."""
     mean, _ = encode(vae, renders.images, batch_size)
@@ -375,7 +375,7 @@ def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, voca
 # Face chips and the attribute classifiers
 
 
-def world_face_chips(renders: world.Renders, size: int, expand_coef: float, seed: int, box_jitter: float = 0.5,
+def world_face_chips(renders: drawing.Renders, size: int, expand_coef: float, seed: int, box_jitter: float = 0.5,
                      batch_size: int = 1000) -> np.ndarray:
     """[N, size, size, 3] chips cut exactly as the pipeline cuts them (crops.square_boxes +
     crops.face_chips) around each render's true face box, moved by N(0, box_jitter) pixels per
@@ -526,7 +526,7 @@ def save_sfnet(net: TorchSFNet, path: Path) -> Path:
     return path
 
 
-def aligned_world_faces(renders: world.Renders, batch_size: int = 1000) -> np.ndarray:
+def aligned_world_faces(renders: drawing.Renders, batch_size: int = 1000) -> np.ndarray:
     """[N, 112, 112, 3] faces aligned onto the ArcFace template from their true landmarks, by the
     pipeline's own functions (crops.similarity_transforms + crops.aligned_faces)."""
     import jax
@@ -550,7 +550,7 @@ def sfnet_features(net: TorchSFNet, aligned: np.ndarray) -> torch.Tensor:
     return torch.cat(feats)
 
 
-def balanced_face_renders(per_class: int, seed: int) -> world.Renders:
+def balanced_face_renders(per_class: int, seed: int) -> drawing.Renders:
     """per_class renders of each joint gender x race class (subjects at random, age free), like
     FairFace's balance: prompts with attribute words ("a photo of the face of a female asian chef")."""
     rng = np.random.default_rng(seed)
@@ -560,7 +560,7 @@ def balanced_face_renders(per_class: int, seed: int) -> world.Renders:
     return world.render_prompts(prompts, rng)
 
 
-def save_face_bank(path: Path, feats: torch.Tensor, renders: world.Renders, classifier, size_face: int,
+def save_face_bank(path: Path, feats: torch.Tensor, renders: drawing.Renders, classifier, size_face: int,
                    expand_coef: float, seed: int) -> Path:
     """The original's face_feats.pkl: (feats [M, D], genders [M], gender_logits [M, 2], races [M],
     race_logits [M, 4]) as torch tensors (floats in STORED_DTYPE); labels are the renders' truth,
@@ -779,7 +779,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     began = now()
     _, held_out = world.dataset(2000, seed + 1001)
     held_out_decoded = decoded(vae, held_out)
-    faces = world.concatenate([renders, decoded(vae, first(renders, num_images // 2))])
+    faces = drawing.concatenate([renders, decoded(vae, first(renders, num_images // 2))])
     params = detector_lib.train_detector(detector_lib.with_backgrounds(faces, num_images // 4, seed + 1),
                                          detector_steps, seed=seed + 1, log=log)
     detector_lib.save_detector(params, world.IMAGE_SIZE, out / "face_detector.safetensors")
@@ -809,7 +809,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     def classifier_data(data_seed: int):
         """Chips (float16) and labels of fresh renders of the training mix, half of them VAE-decoded."""
         _, fresh = world.dataset(classifier_images, data_seed)
-        both = world.concatenate([fresh, decoded(vae, first(fresh, classifier_images // 2))])
+        both = drawing.concatenate([fresh, decoded(vae, first(fresh, classifier_images // 2))])
         chips = world_face_chips(both, SIZE_FACE, EXPAND_COEF, data_seed).astype(np.float16)
         return chips, {"gender": both.gender, "race": both.race, "age": both.age}
 
@@ -842,7 +842,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     bank_renders = balanced_face_renders(bank_per_class, seed + 9)
     feats = sfnet_features(sfnet, aligned_world_faces(bank_renders))
     save_face_bank(out / "face_feats.pkl", feats, bank_renders, classifier, SIZE_FACE, EXPAND_COEF, seed + 9)
-    tower_images = world.concatenate([first(renders, 6000), decoded(vae, first(renders, 2000))]).images
+    tower_images = drawing.concatenate([first(renders, 6000), decoded(vae, first(renders, 2000))]).images
     manifest["similarity_towers"] = save_similarity_towers(out, tower_images, similarity_steps, seed + 10, log,
                                                            held_out.images, held_out_decoded.images)
     log(f"similarity towers (mean cosine on held-out images): {manifest['similarity_towers']}")
