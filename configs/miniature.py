@@ -10,10 +10,9 @@ Run (from the repository root; scripts/demo.sh does this and the evaluation befo
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python -m fairdiff_jax.train --config configs/miniature.py --workdir workdirs/miniature
 
-What to expect: the original model is strongly biased (gender x race gap ~0.22 of a maximum 0.25 on the
-held-out prompts). 50 steps (~3 min after ~2 min of compilation) lower the gaps a little; 250 steps
-(--config.train.max_steps=250) removed 45% / 30% / 29% of the gender / race / gender x race gap on the 22
-held-out prompts at CLIP-I 0.84 to the original images (README.md: the table and what holds it back).
+What to expect: the original model is strongly biased on every kind of prompt; the demo's 50 steps lower the
+gaps a little, longer runs (--config.train.max_steps=250) more. Measured runs, their commands and what holds
+them back: README.md, "Measured: does the bias go away?".
 """
 
 from configs import common

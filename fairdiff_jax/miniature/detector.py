@@ -33,7 +33,7 @@ import optax
 from flax import traverse_util
 
 from fairdiff_jax.judging.detection import FaceDetections
-from fairdiff_jax.miniature import world
+from fairdiff_jax.miniature import drawing, world
 from fairdiff_jax.nn import weights
 
 # Landmark order under a left-right flip: the eyes and the mouth corners swap.
@@ -167,7 +167,7 @@ def load_detector(path: str | Path) -> tuple[dict, int]:
 # Training
 
 
-def detection_targets(renders: world.Renders) -> np.ndarray:
+def detection_targets(renders: drawing.Renders) -> np.ndarray:
     """[N, 15] float32 training targets: has-face, box (4), landmarks (10) in pixels (zeros where no face)."""
     coords = np.concatenate([renders.boxes, renders.landmarks.reshape(-1, 10)], axis=1)
     coords = np.where(renders.has_face[:, None], coords, 0.0)
@@ -210,15 +210,15 @@ def detection_loss(outputs, targets: jax.Array, image_size: int) -> jax.Array:
     return classification + (regression * has_face).sum() / jnp.maximum(has_face.sum(), 1.0)
 
 
-def with_backgrounds(faces: world.Renders, num_backgrounds: int, seed: int) -> world.Renders:
+def with_backgrounds(faces: drawing.Renders, num_backgrounds: int, seed: int) -> drawing.Renders:
     """`faces` plus `num_backgrounds` background-only renders, shuffled (seeded): detector training data."""
-    joined = world.concatenate([faces, world.background_renders(num_backgrounds, seed, faces.images.shape[1])])
+    joined = drawing.concatenate([faces, world.background_renders(num_backgrounds, seed, faces.images.shape[1])])
     order = np.random.default_rng(seed).permutation(len(joined.images))
-    return world.Renders(**{f: getattr(joined, f)[order] for f in world.Renders.__dataclass_fields__})
+    return drawing.Renders(**{f: getattr(joined, f)[order] for f in drawing.Renders.__dataclass_fields__})
 
 
 def train_detector(
-    renders: world.Renders,
+    renders: drawing.Renders,
     steps: int,
     seed: int = 0,
     batch_size: int = 64,
@@ -268,7 +268,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
-def detection_accuracy(detector: MiniatureFaceDetector, renders: world.Renders) -> dict[str, float]:
+def detection_accuracy(detector: MiniatureFaceDetector, renders: drawing.Renders) -> dict[str, float]:
     """On renders with ground truth: recall (faces found), false-positive rate (backgrounds called
     faces), and, over the faces found, mean box IoU, share with IoU > 0.8, mean and 95th-percentile
     landmark error (pixels, worst of the 5 points) and share with every landmark within 1 pixel

@@ -11,7 +11,7 @@ The initial noise of image j of a prompt depends only on (seed, prompt text, j):
 --num_imgs_per_prompt keeps the first images, the batch size changes nothing, and images already on
 disk are skipped, so an interrupted run resumes where it stopped (each image is written to a
 temporary file and renamed, so a crash never leaves a truncated one). Sampling: DPM-Solver++(2M),
-classifier-free guidance with the empty negative prompt, the original's text conditioning (SPEC 1b) in
+classifier-free guidance with the empty negative prompt, the paper's text conditioning (docs/method.md#sampler) in
 its fixed-length form (padded to the tokenizer's 77 tokens with masks: same images, one compilation).
 LoRA files are the original's `.pth` format (`text_encoder_lora[_EMA].pth`, `unet_lora[_EMA].pth`, as
 the original releases them and as `fairdiff_jax.sd.lora.save_original` writes them).

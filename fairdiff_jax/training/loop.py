@@ -1,4 +1,4 @@
-"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (SPEC 5).
+"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (docs/method.md).
 
     python -m fairdiff_jax.train --config configs/debias_text_encoder.py --workdir workdirs/te [--resume] \\
         [--config.train.micro_batch_size=2 ...]
@@ -42,6 +42,7 @@ from fairdiff_jax.sd.clip_text import load_clip_text
 from fairdiff_jax.sd.loader import load_stable_diffusion
 from fairdiff_jax.training import checkpoints, optim, parallel
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages
 
 
 class InputError(ValueError):
@@ -182,8 +183,8 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
 
     sd, judges, judge_variables = load_models(config)
     detector = judges_lib.make_detector(config)
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, detector)
+    stages = Stages(sd, judges, config, mesh, detector)
+    train_step = debias_step.make_train_step(stages)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     evaluation = periodic.PeriodicEvaluation(config, stages, frozen)
 
@@ -220,8 +221,8 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
             epoch, index, prompt = next(prompt_stream)
             num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
             key = debias_step.step_key(state.rng, step)
-            prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, key)
-            state, step_metrics = stages.train_step(state, stages.shared(frozen, prepared), prepared.inputs, key)
+            prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, key)
+            state, step_metrics = train_step(state, prepared.constants, prepared.batch, key)
             position = next_position(epoch, index, len(train_prompts))
 
             logged = debias_step.logged_terms(step_metrics["aux"])
