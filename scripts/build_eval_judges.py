@@ -76,10 +76,10 @@ def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) 
     detector = detector_lib.MiniatureFaceDetector(params, world.IMAGE_SIZE)
 
     def held_out(data_seed: int):
-        _, renders = world.dataset(1000, data_seed)
+        _, renders = world.dataset(600, data_seed)
         positives = {"renders": renders.images, "renders (VAE)": vae_images(vae, renders.images)}
-        negatives = {"scenes": world.background_renders(500, data_seed + 1).images,
-                     **ruin_sets(vae, world.dataset(400, data_seed + 2)[1].images, data_seed + 3)}
+        negatives = {"scenes": world.background_renders(300, data_seed + 1).images,
+                     **ruin_sets(vae, world.dataset(300, data_seed + 2)[1].images, data_seed + 3)}
         return positives, negatives
 
     positives, negatives = held_out(seed + 10)
@@ -106,7 +106,7 @@ def build_scene_classifier(out: Path, vae, seed: int, num_images: int, steps: in
     labels = {h: np.concatenate([labels[h], eval_judges.no_scene_labels(len(ruined))[h]]) for h in labels}
     log(f"scene classifier data: {len(images) - len(ruined)} renders, {len(ruined)} ruins")
     heads = [(name, len(classes)) for name, classes in eval_judges.SCENE_HEADS]
-    model = bm.train_mobilenet(images, labels, heads, steps, seed + 3, log, batch_size=128)
+    model = bm.train_mobilenet(images, labels, heads, steps, seed + 3, log)
     del images
     torch.save(bm.stored_state_dict(model), out / SCENE_FILE)
     spec = {"heads": [[name, list(classes)] for name, classes in eval_judges.SCENE_HEADS], "image_size": world.IMAGE_SIZE}
@@ -116,15 +116,15 @@ def build_scene_classifier(out: Path, vae, seed: int, num_images: int, steps: in
     logits = jax.jit(lambda v, x: {h: l.argmax(-1) for h, l in scene_lib.scene_logits(scene, v, x).items()})
     predict = lambda x: {h: np.concatenate([np.asarray(logits(variables, x[s:s + 500])[h]) for s in range(0, len(x), 500)])  # noqa: E731
                          for h, _ in eval_judges.SCENE_HEADS}
-    held_prompts, held = world.dataset(2000, seed + 10)
+    held_prompts, held = world.dataset(1000, seed + 10)
     held_labels = eval_judges.scene_labels(held_prompts)
     report = {"renders": eval_judges.scene_report(predict, held.images, held_labels),
               "renders (VAE)": eval_judges.scene_report(predict, vae_images(vae, held.images), held_labels)}
     # On ruins: the share that still names the source image's scene (should be near none), and the share called
     # "(no scene)" by every head.
-    ruin_labels = {h: v[:400] for h, v in held_labels.items()}
-    no_scene = eval_judges.no_scene_labels(400)
-    for name, ruined in ruin_sets(vae, held.images[:400], seed + 11).items():
+    ruin_labels = {h: v[:300] for h, v in held_labels.items()}
+    no_scene = eval_judges.no_scene_labels(300)
+    for name, ruined in ruin_sets(vae, held.images[:300], seed + 11).items():
         report[name] = {"true_scene": eval_judges.scene_report(predict, ruined, ruin_labels),
                         "no_scene": eval_judges.scene_report(predict, ruined, no_scene)["all"]}
     return {"heads": {name: len(classes) for name, classes in eval_judges.SCENE_HEADS}, "held_out": report}
@@ -157,10 +157,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("assets/miniature"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--detector_images", type=int, default=8000, help="face renders (half also VAE-decoded)")
-    parser.add_argument("--detector_steps", type=int, default=1000)
-    parser.add_argument("--scene_images", type=int, default=12000, help="renders (half also VAE-decoded)")
-    parser.add_argument("--scene_steps", type=int, default=2000)
+    parser.add_argument("--detector_images", type=int, default=4000, help="face renders (half also VAE-decoded)")
+    parser.add_argument("--detector_steps", type=int, default=400)
+    parser.add_argument("--scene_images", type=int, default=6000, help="renders (half also VAE-decoded)")
+    parser.add_argument("--scene_steps", type=int, default=500)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
