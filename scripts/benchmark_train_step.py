@@ -28,7 +28,7 @@ warm-up. Output, after the JAX lines:
     workers sleep too);
   - per-step PyTorch timings and loss, then a table of median seconds per part, JAX and PyTorch side by side,
     and the ratio PyTorch s / JAX s per part and per step. OT is the same host code in both steps
-    (alignment.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
+    (ot_targets.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
   - on an accelerator, the achieved fraction of peak of the JAX step, per part and per step: XLA-counted FLOPs
     (the bracket above) / seconds / the device's dense peak FLOP/s (PEAK_FLOPS, by device_kind; bfloat16 and
     float32); "n/a on CPU" otherwise.
@@ -71,6 +71,7 @@ from fairdiff_jax.nn.attention import ATTENTION_IMPLS
 from fairdiff_jax.sd import clip_text, sampler
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages, Text, largest_divisor_at_most
 from fairdiff_jax.training.loop import load_models
 
 GIB = 2**30
@@ -118,8 +119,8 @@ def median_parts(rows: list[dict]) -> dict:
 def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     mesh = parallel.make_mesh()
     sd, judges, judge_variables = load_models(config)
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, judges_lib.make_detector(config))
+    stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
+    train_step = debias_step.make_train_step(stages)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     lora = debias_step.init_lora(jax.random.key(0), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet)
     o = config.optim
@@ -128,17 +129,17 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     num_steps = config.train.max_denoising_steps
     prompt = "a photo of the face of a doctor"
     device_kind = jax.devices()[0].device_kind
-    print(f"devices: {mesh.devices.size} x {device_kind}; {settings.images_per_prompt} images per step, "
-          f"{num_steps} denoising steps, generation chunks of {settings.generation_batch_size}, micro-batch {settings.micro_batch_size}")
+    t = config.train
+    print(f"devices: {mesh.devices.size} x {device_kind}; {t.images_per_prompt} images per step, "
+          f"{num_steps} denoising steps, generation chunks of {t.generation_batch_size}, micro-batch {t.micro_batch_size}")
 
     rows = []
     for step in range(steps + 1):
         timings = {}
         started = time.perf_counter()
-        prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
-        shared = stages.shared(frozen, prepared)
+        prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
         t0 = time.perf_counter()
-        state, metrics = stages.train_step(state, shared, prepared.inputs, jax.random.key(step))
+        state, metrics = train_step(state, prepared.constants, prepared.batch, jax.random.key(step))
         jax.block_until_ready(state.params)
         timings["gradient"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
@@ -149,18 +150,17 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     if rows:
         print("median over steps 1..: " + ", ".join(f"{k} {v:.3f} s" for k, v in jax_seconds.items()))
 
-    local = settings.images_per_prompt // mesh.devices.size
-    chunk = debias_step._largest_divisor_at_most(local, settings.generation_batch_size)
-    micro = min(settings.micro_batch_size, local)
-    schedule = parallel.replicate(sampler.make_schedule(sd.scheduler_config, num_steps), mesh)
-    inputs = prepared.inputs
+    local = t.images_per_prompt // mesh.devices.size
+    chunk = largest_divisor_at_most(local, t.generation_batch_size)
+    micro = min(t.micro_batch_size, local)
+    batch, constants = prepared.batch, prepared.constants
     # Per part: (XLA's count, loop bodies once; times the trip counts of the loops counted once), per device.
     counted = {
-        "sampling": (2 * cost_flops(stages._generate, state.params, frozen, prepared.text, schedule, inputs["noise"], chunk=chunk),
+        "sampling": (2 * cost_flops(stages._generate, state.params, frozen, constants.text, constants.schedule, batch.noise, chunk=chunk),
                      (local // chunk) * num_steps),
-        "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, inputs["boxes"],
-                             inputs["found"], inputs["original_boxes"], inputs["original_found"], inputs["chip_from_image"]), 1),
-        "gradient": (cost_flops(stages.train_step, state, shared, inputs, jax.random.key(0)), -(-local // micro) * num_steps),
+        "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, batch.boxes,
+                             batch.found, batch.original_boxes, batch.original_found, batch.chip_from_image), 1),
+        "gradient": (cost_flops(train_step, state, constants, batch, jax.random.key(0)), -(-local // micro) * num_steps),
     }
     flops = {part: (value, value * trips) for part, (value, trips) in counted.items()}
     flops["step"] = tuple(sum(bounds) for bounds in zip(*flops.values()))
@@ -283,8 +283,7 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
     config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
     config.train.micro_batch_size, config.train.images_per_prompt = micro_batch, images_per_device
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, tiny_assets.CentralFaceDetector())
+    stages = Stages(sd, judges, config, mesh, tiny_assets.CentralFaceDetector())
 
     lora = jax.eval_shape(lambda: debias_step.init_lora(jax.random.key(0), sd, 50, train_text_encoder, train_unet))
     tx = optim.make_optimizer()
@@ -292,19 +291,20 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     frozen = debias_step.frozen_weights(sd, judge_variables)
     schedule = sampler.make_schedule(sd.scheduler_config, num_steps)
     t = 77
-    text = debias_step.Text(jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((2, t), jnp.int32),
-                            jax.ShapeDtypeStruct((1, t), jnp.int32))
-    shared = dict(frozen=frozen, text=text, schedule=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), schedule),
-                  gradient_scales=jax.ShapeDtypeStruct((num_steps,), jnp.float32))
+    text = Text(jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((2, t), jnp.int32),
+                jax.ShapeDtypeStruct((1, t), jnp.int32))
+    constants = debias_step.StepConstants(frozen, text, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), schedule),
+                                          jax.ShapeDtypeStruct((num_steps,), jnp.float32))
     b = images_per_device
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     flag = jax.ShapeDtypeStruct((b,), jnp.bool_)
-    inputs = dict(noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
-                  targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
-                  original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512))
+    batch = debias_step.StepBatch(
+        noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
+        targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
+        original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512))
     started = time.perf_counter()
-    compiled = stages.train_step.lower(state, shared, inputs, jax.random.key(0)).compile()
+    compiled = debias_step.make_train_step(stages).lower(state, constants, batch, jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
     part = "text encoder" if train_text_encoder and not train_unet else ("UNet" if not train_text_encoder else "both")
     print(f"SD-1.5 shapes, {part} LoRA, micro-batch {micro_batch}, {b} images per device, {num_steps} steps, "

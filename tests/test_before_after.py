@@ -13,8 +13,6 @@ import pytest
 from PIL import Image
 
 from fairdiff_jax.eval import before_after, tables
-from fairdiff_jax.judging import tiny
-from fairdiff_jax.miniature import world
 from fairdiff_jax.sd import lora
 from fairdiff_jax.sd.loader import load_stable_diffusion
 from fairdiff_jax.training import step as debias_step
@@ -34,14 +32,7 @@ def test_gap_reduction_is_one_minus_after_over_before():
     assert "| prompts | gender bias | race bias |\n" in table and "| all | 75% | -25% |\n" in table
 
 
-@pytest.fixture(scope="module")
-def scene_classifier(tmp_path_factory):
-    """A random stand-in for the miniature world's scene classifier (until assets/miniature holds the trained one)."""
-    heads = [("subject", list(world.SUBJECTS)), ("style", list(world.STYLES)), ("context", list(world.CONTEXTS))]
-    return tiny.build_scene_classifier(tmp_path_factory.mktemp("scene") / "scene_classifier.pt", 0, heads)
-
-
-def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys, scene_classifier):
+def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys):
     sd = load_stable_diffusion(MINIATURE / "sd")
     zero = debias_step.init_lora(jax.random.key(0), sd, 2, True, False)["text_encoder"]  # up = 0: no change
     lora.save_original(zero, tmp_path / "text_encoder_lora.pth", "text_encoder")
@@ -51,8 +42,7 @@ def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys
         "--text_encoder_lora", str(tmp_path / "text_encoder_lora.pth"),
         "--images_per_prompt", "4", "--prompts_per_kind", "1", "--kinds", "occupation", "sports",
         "--config.generate.num_denoising_steps=4", "--config.generate.batch_size=4",
-        f"--config.assets_dir={MINIATURE}", f"--config.eval.scene_classifier_path={scene_classifier}",
-        "--config.eval.fidelity_features=scene_classifier", "--config.eval.consistency=scene_classifier",
+        f"--config.assets_dir={MINIATURE}",  # its evaluation judges: eval_detector.safetensors, scene_classifier.pt
     ]
     reductions = before_after.main(argv)
     for model in before_after.MODELS:

@@ -196,19 +196,20 @@ SAME_IMAGES_SCRIPT = """
 import sys, numpy as np
 from fairdiff_jax import config_cli
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.training import parallel
 from fairdiff_jax.training import loop as train
 config = config_cli.load_config("configs/tiny.py", ["assets_dir=" + sys.argv[1]])
 sd, judges, judge_variables = train.load_models(config)
 mesh = parallel.make_mesh()
-stages = debias_step.Stages(sd, judges, debias_step.settings_from_config(config), mesh, judges_lib.make_detector(config))
+stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
 frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
 import jax
 lora = parallel.replicate(debias_step.init_lora(jax.random.key(3), sd, 4, True, True), mesh)
 # A LoRA that changes the images: non-zero 'up' factors.
 lora = jax.tree.map(lambda x: x + 0.05, lora)
-prepared = stages.prepare(lora, frozen, "a photo of the face of a doctor", 2, 7, jax.random.key(5))
+prepared = debias_step.prepare(stages, lora, frozen, "a photo of the face of a doctor", 2, 7, jax.random.key(5))
 np.savez(sys.argv[2], images=prepared.images, original=prepared.original_images, probs=prepared.probs[0],
          joint=prepared.targets.joint_probs)
 """

@@ -13,7 +13,7 @@ disk are skipped, so an interrupted run resumes where it stopped (each image is 
 temporary file and renamed, so a crash never leaves a truncated one). save_dir/generation.json records what
 made the images (model and LoRA files by hash, seed, guidance, steps, size; sd/manifest.py): a folder made
 otherwise is refused unless --overwrite. A non-finite or one-colour image (NaN weights) stops the run, exit 1. Sampling: DPM-Solver++(2M),
-classifier-free guidance with the empty negative prompt, the original's text conditioning (SPEC 1b) in
+classifier-free guidance with the empty negative prompt, the paper's text conditioning (docs/method.md#sampler) in
 its fixed-length form (padded to the tokenizer's 77 tokens with masks: same images, one compilation).
 LoRA files are the original's `.pth` format (`text_encoder_lora[_EMA].pth`, `unet_lora[_EMA].pth`, as
 the original releases them and as `fairdiff_jax.sd.lora.save_original` writes them).

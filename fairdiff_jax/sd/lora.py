@@ -10,19 +10,16 @@ shardings simple (no '/' inside keys; `jax.tree.map` over a plain nested dict).
 Orientation: Flax kernels are [in, out], so `down` here is the transpose of PyTorch's
 `down.weight` [r, in] and `up` the transpose of `up.weight` [out, r]; the files hold PyTorch's layout.
 
-Targets (SPEC section 2): in the CLIP text encoder, every layer's self_attn q_proj, k_proj, v_proj,
+Targets (docs/method.md#models): in the CLIP text encoder, every layer's self_attn q_proj, k_proj, v_proj,
 out_proj and mlp fc1, fc2; in the UNet, to_q, to_k, to_v, to_out.0 of every attn1 and attn2 (down, mid
 and up blocks).
 
 Precision: `merge` computes kernel + down @ up in float32 (the product at HIGHEST precision: at default
 precision TPUs round its inputs to bf16 and GPUs may use TF32) and returns float32 kernels for the
 targeted modules, whatever the frozen dtype. The model then casts the merged kernel to its compute dtype,
-and that cast alone sets how much of a small LoRA update survives: float32 compute keeps it; bf16 compute
-rounds kernel + delta as a whole (8-bit mantissa), which the original never does (it computes the LoRA
-branch in fp32 and adds it to the fp16 linear's output). Measured (numpy emulation, 768x768 kernel of
-std 0.02, rank 50): relative error of the LoRA's effect on the output from weight rounding alone, for
-|delta|/|W| = 7e-4, 7e-3, 3.5e-2: bf16 2.0, 0.33, 0.066; fp16 0.41, 0.041, 0.008. So run the targeted
-linears in float32 where the LoRA's small early updates matter (cheap for the text encoder).
+and that cast alone sets how much of a small LoRA update survives: bf16 compute rounds kernel + delta as a
+whole, so run the targeted linears in float32 where the LoRA's small early updates matter (cheap for the text
+encoder; docs/method.md#differences-from-the-papers-code).
 
 Files:
   - the original's `torch.save`d dicts (`text_encoder_lora.pth`, `unet_lora.pth`, and the _EMA twins);

@@ -4,7 +4,7 @@ One checkpoint = a step directory holding `state` (the `TrainState` leaves: step
 EMA and its update count, the raw RNG key data) and `data` (JSON: where the prompt stream stands, e.g.
 {"epoch": 3, "index_in_epoch": 17, "shuffle_seed": 5992}; any JSON-able dict).
 
-Retention as in the original (SPEC 3): a temporary checkpoint every `every_steps` steps of which the
+Retention as in the paper's code (docs/method.md#hyper-parameters-experiment-5): a temporary checkpoint every `every_steps` steps of which the
 newest `keep` survive, and a permanent one at every multiple of `permanent_every_steps`, never deleted.
 Orbax expresses this directly: save at multiples of `every_steps` (plus when a TPU preemption notice
 arrives) and preserve a checkpoint if it is among the newest `keep` OR its step is a multiple of

@@ -1,4 +1,4 @@
-"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (SPEC 5).
+"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (docs/method.md).
 
     python -m fairdiff_jax.train --config configs/debias_text_encoder.py --workdir workdirs/te [--resume] \\
         [--config.train.micro_batch_size=2 ...]
@@ -51,6 +51,7 @@ from fairdiff_jax.sd.loader import load_stable_diffusion
 from fairdiff_jax.training import checkpoints, health, optim, parallel
 from fairdiff_jax.training import workdir as workdir_lib
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages
 
 
 class InputError(ValueError):
@@ -227,8 +228,8 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
         detector = judges_lib.make_detector(config)
     except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, detector)
+    stages = Stages(sd, judges, config, mesh, detector)
+    train_step = debias_step.make_train_step(stages)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     evaluation = periodic.PeriodicEvaluation(config, stages, frozen)
 
@@ -263,8 +264,8 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
             epoch, index, prompt = next(prompt_stream)
             num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
             key = debias_step.step_key(state.rng, step)
-            prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, key)
-            state, step_metrics = stages.train_step(state, stages.shared(frozen, prepared), prepared.inputs, key)
+            prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, key)
+            state, step_metrics = train_step(state, prepared.constants, prepared.batch, key)
             position = next_position(epoch, index, len(train_prompts))
 
             logged = debias_step.logged_terms(step_metrics["aux"])
