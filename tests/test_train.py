@@ -285,3 +285,23 @@ def test_broken_runs_stop_or_recover_with_a_message(tmp_path, assets, compile_ca
     assert result.returncode == 1, result.stderr[-3000:]
     assert "training stopped at step 2: 2 bad steps in a row" in result.stderr.splitlines()[-1]
     assert export.available_steps(nan_run / "checkpoints") == []
+
+
+FULL_DISK_SCRIPT = """
+import resource, runpy, signal, sys
+# Files may not grow past 20 kB: checkpoint data and TensorBoard events fail to write (EFBIG), as on a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+sys.argv = ["fairdiff_jax.train", *sys.argv[1:]]
+runpy.run_module("fairdiff_jax.train", run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # ~5 min: one training process that compiles without the shared cache (its files would not fit)
+def test_a_full_disk_stops_the_run_with_its_cause(tmp_path, assets, compile_cache):
+    args = ["-c", FULL_DISK_SCRIPT, *TINY, f"--config.assets_dir={assets}", "--workdir", str(tmp_path / "run")]
+    # The child's output goes through a pipe, which the file-size limit does not cover.
+    result = run(args, tmp_path / "no_cache")
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "failed" in last and "File too large" in last, last

@@ -160,15 +160,24 @@ class MetricsWriter:
             f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         if self.tensorboard is not None:
             scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)}
-            self.tensorboard.write_scalars(step, scalars)
+            self._to_tensorboard(lambda writer: writer.write_scalars(step, scalars))
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active and self.tensorboard is not None:
-            self.tensorboard.write_images(step, {name: image[None]})
+            self._to_tensorboard(lambda writer: writer.write_images(step, {name: image[None]}))
+
+    def _to_tensorboard(self, write) -> None:
+        # A failed event write (disk full) stops the run with its cause in one line, not a TensorFlow trace.
+        try:
+            write(self.tensorboard)
+        except Exception as e:
+            self.tensorboard = None  # closing a writer that failed would only fail again and hide this error
+            raise health.TrainingError(f"writing TensorBoard events under {self.path.parent / 'tensorboard'} failed: "
+                                       f"{checkpoints.cause(e)}") from e
 
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            self._to_tensorboard(lambda writer: writer.close())
 
 
 def training_grids(prepared, attributes) -> np.ndarray:
@@ -307,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, workdir_lib.WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (health.TrainingError, checkpoints.CheckpointError) as e:
+    except (health.TrainingError, checkpoints.CheckpointError, OSError) as e:  # OSError: e.g. a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
