@@ -78,6 +78,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.max_denoising_steps = 23  # uniformly from [min, max], the same on all devices
     config.train.log_every_steps = 1
     config.train.plot_every_steps = 20  # annotated image grids of the training batch
+    # A run stops (exit 1) after this many consecutive steps whose loss was not finite or whose update was skipped
+    # for non-finite gradients: weights that turned NaN would otherwise train on, and export, silently.
+    config.train.max_bad_steps = 5
 
     config.loss = ml_collections.ConfigDict()
     config.loss.weight_img = 8.0  # image-semantics (CLIP + DINOv2) loss

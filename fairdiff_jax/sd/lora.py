@@ -285,8 +285,6 @@ def save_diffusers(
     The file's adapter metadata says r = lora_alpha = rank for each part, so diffusers applies the
     LoRA with scale 1, as the original did. Returns the file written.
     """
-    from safetensors.numpy import save_file
-
     parts = {"unet": unet, "text_encoder": text_encoder}
     parts = {model: lora for model, lora in parts.items() if lora is not None}
     if not parts:
@@ -306,5 +304,21 @@ def save_diffusers(
     if path.suffix != ".safetensors":
         path = path / DIFFUSERS_WEIGHT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", _DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    metadata = {"format": "pt", _DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    path.write_bytes(safetensors_bytes(tensors, metadata))
     return path
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file's bytes with its JSON header's keys sorted: the same tensors give the same bytes.
+
+    The safetensors library keeps the metadata in a hash map whose order changes from process to process, so a
+    resumed and an uninterrupted run would export the same weights as different files.
+    """
+    from safetensors.numpy import save
+
+    raw = save(dict(tensors), metadata=dict(metadata))
+    length = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads its header to 8 bytes
+    return len(header).to_bytes(8, "little") + header + raw[8 + length :]
