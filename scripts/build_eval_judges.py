@@ -31,7 +31,7 @@ import build_miniature as bm  # noqa: E402  (the world build's torch helpers: VA
 from fairdiff_jax.eval import ruins  # noqa: E402
 from fairdiff_jax.judging import scene_classifier as scene_lib  # noqa: E402
 from fairdiff_jax.miniature import detector as detector_lib  # noqa: E402
-from fairdiff_jax.miniature import eval_judges, world  # noqa: E402
+from fairdiff_jax.miniature import drawing, eval_judges, world  # noqa: E402
 
 DETECTOR_FILE = "eval_detector.safetensors"
 SCENE_FILE = "scene_classifier.pt"
@@ -75,14 +75,14 @@ def ruin_sets(vae, images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) -> dict:
     """Trains, calibrates, saves and measures the evaluation detector; returns its manifest entry."""
     _, faces = world.dataset(num_images, seed)
-    faces = world.concatenate([faces, bm.decoded(vae, bm.first(faces, num_images // 2))])
+    faces = drawing.concatenate([faces, bm.decoded(vae, bm.first(faces, num_images // 2))])
     backgrounds = world.background_renders(num_images // 4, seed + 1)
     _, to_ruin = world.dataset(num_images // 2, seed + 2)
     ruined, kind = eval_judges.ruin_negatives(np.concatenate([to_ruin.images, backgrounds.images[: num_images // 8]]), seed + 3)
     negatives = np.concatenate([ruined, vae_ruins(vae, ruined[::2], kind[::2])])
     log(f"eval detector data: {len(faces.images)} faces, {len(backgrounds.images)} scenes, {len(negatives)} ruins")
     params = detector_lib.train_detector(
-        world.concatenate([faces, backgrounds, eval_judges.without_faces(negatives)]), steps, seed=seed + 4, log=log)
+        drawing.concatenate([faces, backgrounds, eval_judges.without_faces(negatives)]), steps, seed=seed + 4, log=log)
     params = jax.tree.map(lambda p: np.asarray(p, np.float16).astype(np.float32), params)  # what the file holds
     detector = detector_lib.MiniatureFaceDetector(params, world.IMAGE_SIZE)
 

@@ -282,7 +282,7 @@ class TorchTrainStep:
         )
 
     def _micro_batch_loss(self, prompt: str, num_steps: int, batch: dict, rows: slice) -> torch.Tensor:
-        """Per-image loss [m] (fairdiff_jax.training.alignment.alignment_loss's terms) of the images `rows`, with gradient."""
+        """Per-image loss [m] (the terms of fairdiff_jax.training.alignment.paper_terms) of the images `rows`, with gradient."""
         c = self.config
         cond, uncond = self._encode(self.text_encoder, prompt)
         images = sample_images_adjusted(self.unet, self.vae, self.scheduler, num_steps, batch["noise"][rows], cond, uncond,

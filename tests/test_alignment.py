@@ -322,10 +322,10 @@ def test_alignment_loss_hand_checked():
     face_feats = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]])
     face_targets = jnp.array([[0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     weights = jnp.array([1.0, 0.6, 0.2])
-    per_image, terms = al.alignment_loss(
+    per_image, terms = al.alignment_loss(al.paper_terms(
         (logits_gender, logits_race), targets, face, clip, clip_ori, dino, dino_ori,
         face_feats, face_targets, weights, weight_loss_img=8.0, weight_loss_face=0.1,
-    )
+    ))
     logs = al.term_means(terms)
     # Image 0: CE_g = ln(4/3); CE_r = ln 4 (uniform over 4); CLIP 1 - 0.6 = 0.4; DINO 0;
     #          face 1 - 0.8 = 0.2 -> ln(4/3) + ln 4 + 8 * 1 * 0.4 + 0.1 * 0.2.
@@ -338,7 +338,7 @@ def test_alignment_loss_hand_checked():
         3.2,
     ]
     np.testing.assert_allclose(per_image, expected, rtol=1e-6)
-    jitted, _ = jax.jit(al.alignment_loss, static_argnames="attribute_names")(
+    jitted, _ = jax.jit(lambda *args: al.alignment_loss(al.paper_terms(*args)))(
         (logits_gender, logits_race), targets, face, clip, clip_ori, dino, dino_ori,
         face_feats, face_targets, weights,
     )
@@ -354,10 +354,10 @@ def test_alignment_loss_hand_checked():
     # Gradient w.r.t. the face features is zero for the image without a face, and the face target
     # receives no gradient.
     def total(ff, ft):
-        loss, _ = al.alignment_loss(
+        loss, _ = al.alignment_loss(al.paper_terms(
             (logits_gender, logits_race), targets, face, clip, clip_ori, dino, dino_ori,
             ff, ft, weights,
-        )
+        ))
         return loss.mean()
 
     g_feats, g_targets = jax.grad(total, argnums=(0, 1))(face_feats, face_targets)

@@ -12,7 +12,7 @@ Two judges, independent of the networks the debiasing loss uses (scripts/build_e
   the label of ruined images, so that a ruin is not read as the closest scene (and its pooled features, the
   fidelity metric's feature space, lie apart from every real scene's).
 
-    negatives = ruin_negatives(renders, seed=0)              # world.Renders, has_face False, one ruin per image
+    negatives = ruin_negatives(renders, seed=0)              # drawing.Renders, has_face False, one ruin per image
     labels = scene_labels(prompts)                           # {head: [N] int}
     threshold = choose_threshold(face_probs, {"blobs": probs, ...}, max_false_positive_rate=0.01)
 """
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fairdiff_jax.eval import ruins
-from fairdiff_jax.miniature import reference, world
+from fairdiff_jax.miniature import drawing, reference, world
 
 NO_SCENE = "(no scene)"
 SCENE_HEADS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -43,10 +43,10 @@ def no_scene_labels(n: int) -> dict[str, np.ndarray]:
     return {head: np.full(n, classes.index(NO_SCENE), np.int64) for head, classes in SCENE_HEADS}
 
 
-def without_faces(images: np.ndarray) -> world.Renders:
+def without_faces(images: np.ndarray) -> drawing.Renders:
     """Images [N, S, S, 3] as face-less renders (has_face False, -1 ground truth): detector negatives."""
     n = len(images)
-    return world.Renders(images=images.astype(np.float32), has_face=np.zeros(n, bool), gender=np.full(n, -1),
+    return drawing.Renders(images=images.astype(np.float32), has_face=np.zeros(n, bool), gender=np.full(n, -1),
                          race=np.full(n, -1), age=np.full(n, -1), boxes=np.full((n, 4), -1, np.float32),
                          landmarks=np.full((n, 5, 2), -1, np.float32))
 

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from fairdiff_jax.miniature import world
+from fairdiff_jax.miniature import drawing, world
 
 
 def class_prompt(prompt: str, gender: int, race: int) -> str:
@@ -29,7 +29,7 @@ def class_prompt(prompt: str, gender: int, race: int) -> str:
     return fixed
 
 
-def balanced_renders(prompt: str, num_images: int, seed: int = 0) -> world.Renders:
+def balanced_renders(prompt: str, num_images: int, seed: int = 0) -> drawing.Renders:
     """num_images renders of `prompt`'s scene, image i of gender x race class i mod 8 (j = 4 g + r), so every class
     has the same count when num_images is a multiple of 8. Deterministic in (prompt, num_images, seed)."""
     classes = np.arange(num_images) % world.NUM_JOINT

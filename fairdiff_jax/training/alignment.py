@@ -6,7 +6,7 @@ Per-attribute quantities travel as sequences in the attribute order: `targets[a]
 pixels of the image, max exclusive; a box may extend past the image edges.
 """
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +236,20 @@ def face_realism_term(
     return jnp.where(jnp.asarray(face_found), term, 0.0)
 
 
-def alignment_loss(
+class Term(NamedTuple):
+    """One per-image term of the loss (docs/method.md#the-loss).
+
+    values: [N] float32, 0 where absent. present: [N] bool, where the term is defined (its logged mean is
+    over these images). weight: a scalar or [N] multiplying `values` in the per-image loss, or None for a
+    term that is only logged (a part of a weighted term, shown on its own).
+    """
+
+    values: jax.Array
+    present: jax.Array
+    weight: jax.Array | float | None
+
+
+def paper_terms(
     attribute_logits: Sequence[jax.Array],
     targets: Sequence[jax.Array],
     face_found: jax.Array,
@@ -250,14 +263,13 @@ def alignment_loss(
     weight_loss_img: float = 8.0,
     weight_loss_face: float = 0.1,
     attribute_names: Sequence[str] = ("gender", "race"),
-) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
-    """Per-image training loss (docs/method.md#the-loss) and each of its terms, computed once.
+) -> dict[str, Term]:
+    """The distributional alignment loss's terms, by name:
 
-    loss_i = sum_a CE_a,i [face found, target_a,i != -1]
-             + weight_loss_img * w_i * ((1 - cos CLIP_i) + (1 - cos DINO_i))
-             + weight_loss_face * (1 - <f_i, target_i>) [face found]
-    Absent terms contribute 0. The fairness cross-entropies are per image (not averaged over attributes or
-    present images); the train step differentiates the MEAN OVER ALL IMAGES, faces or not.
+        loss_fair_<name>  CE_a,i of each attribute [face found, target_a,i != -1], weight 1
+        loss_img          (1 - cos CLIP_i) + (1 - cos DINO_i), weight weight_loss_img * w_i (everywhere)
+        loss_CLIP, loss_DINO  its two parts, logged only
+        loss_face         1 - <f_i, target_i> [face found], weight weight_loss_face
 
     Args:
         attribute_logits: per attribute [N, K_a] (with gradient, from the chips of X).
@@ -266,34 +278,42 @@ def alignment_loss(
         clip_feats, original_clip_feats: [N, Dc] CLIP image embeddings of X (after
             `scale_face_region_gradient`) and of X0. Likewise dino_feats, original_dino_feats [N, Dd].
         face_feats: [N, Df] face features of X; face_target_feats: [N, Df] from `face_feature_targets`.
-        image_weights: [N] from `dynamic_image_weights`.
+        image_weights: [N] w_i from `dynamic_image_weights`.
         attribute_names: names used in the term names.
-    Returns:
-        per_image_loss: [N] float32 (with gradient).
-        terms: {name: (values [N] float32, present [N] bool)} without gradient, for "loss_fair_<name>",
-            "loss_CLIP", "loss_DINO", "loss_face" (unweighted) and "loss" (the total); `term_means`
-            turns them into the logged means.
     """
     face_found = jnp.asarray(face_found)
     everywhere = jnp.ones(face_found.shape, dtype=bool)
-    per_image = jnp.zeros(face_found.shape, jnp.float32)
     terms = {}
     for name, logits, target in zip(attribute_names, attribute_logits, targets):
-        ce, present = fairness_cross_entropy(logits, target, face_found)
-        per_image = per_image + ce
-        terms[f"loss_fair_{name}"] = (ce, present)
-    clip_term, dino_term = image_semantics_terms(
-        clip_feats, original_clip_feats, dino_feats, original_dino_feats
-    )
-    image_weights = jnp.asarray(image_weights, jnp.float32)
-    per_image = per_image + weight_loss_img * image_weights * (clip_term + dino_term)
-    face_term = face_realism_term(face_feats, face_target_feats, face_found)
-    per_image = per_image + weight_loss_face * face_term
-    terms["loss_CLIP"] = (clip_term, everywhere)
-    terms["loss_DINO"] = (dino_term, everywhere)
-    terms["loss_face"] = (face_term, face_found)
-    terms["loss"] = (per_image, everywhere)
-    return per_image, jax.lax.stop_gradient(terms)
+        terms[f"loss_fair_{name}"] = Term(*fairness_cross_entropy(logits, target, face_found), 1.0)
+    clip_term, dino_term = image_semantics_terms(clip_feats, original_clip_feats, dino_feats, original_dino_feats)
+    terms["loss_img"] = Term(clip_term + dino_term, everywhere, weight_loss_img * jnp.asarray(image_weights, jnp.float32))
+    terms["loss_CLIP"] = Term(clip_term, everywhere, None)
+    terms["loss_DINO"] = Term(dino_term, everywhere, None)
+    terms["loss_face"] = Term(face_realism_term(face_feats, face_target_feats, face_found), face_found, weight_loss_face)
+    return terms
+
+
+def alignment_loss(terms: Mapping[str, Term]) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+    """Per-image training loss and each term for the log, computed once (docs/method.md#the-loss).
+
+    loss_i = sum over the weighted terms of weight * values_i (absent terms contribute 0). The fairness
+    cross-entropies are per image (not averaged over attributes or present images); the train step
+    differentiates the MEAN OVER ALL IMAGES, faces or not.
+
+    Returns:
+        per_image_loss: [N] float32 (with gradient).
+        logged: {name: (values [N] float32, present [N] bool)} without gradient: every term (unweighted) and
+            "loss" (the total); `term_means` turns them into the logged means.
+    """
+    present = [t.present for t in terms.values()]
+    per_image = jnp.zeros(present[0].shape, jnp.float32)
+    for term in terms.values():
+        if term.weight is not None:
+            per_image = per_image + term.weight * term.values
+    logged = {name: (term.values, term.present) for name, term in terms.items()}
+    logged["loss"] = (per_image, jnp.ones(per_image.shape, dtype=bool))
+    return per_image, jax.lax.stop_gradient(logged)
 
 
 def term_means(terms: Mapping[str, tuple[ArrayLike, ArrayLike]]) -> dict[str, float]:

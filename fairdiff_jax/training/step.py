@@ -179,7 +179,9 @@ def prepare(
 def debias_loss(lora: dict, constants: StepConstants, batch: StepBatch, rng: jax.Array, *,
                 sd: StableDiffusion, judges: judges_lib.Judges, config):
     """Per-image loss [m] of a micro-batch and its per-image terms {name: (values [m], present [m])}
-    (`parallel.LossFn`; docs/method.md#the-loss). Pure: the models and `config` only fix static numbers."""
+    (`parallel.LossFn`; docs/method.md#the-loss). Pure: the models and `config` only fix static numbers.
+
+    A new loss term is one more entry in `terms` (an `alignment.Term` with its weight from `config.loss`)."""
     del rng  # every random input is in the batch
     loss_config, attributes = config.loss, judges.attributes
     frozen, text = constants.frozen, constants.text
@@ -209,10 +211,11 @@ def debias_loss(lora: dict, constants: StepConstants, batch: StepBatch, rng: jax
 
     use_original = alignment.use_original_face_feature(targets, original_preds, batch.original_probs, loss_config.confidence_level)
     face_targets = alignment.face_feature_targets(face_feats, batch.original_face, judge_vars["face_bank"], use_original)
-    return alignment.alignment_loss(
+    terms = alignment.paper_terms(
         logits, targets, found, clip_feats, batch.original_clip, dino_feats, batch.original_dino,
         face_feats, face_targets, image_weights, loss_config.weight_img, loss_config.weight_face, attributes,
     )
+    return alignment.alignment_loss(terms)
 
 
 def make_train_step(stages: Stages):
