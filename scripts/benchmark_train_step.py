@@ -64,16 +64,18 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # config files import `configs.common`
 
+import random_models  # noqa: E402  (scripts/, on sys.path when a script runs)
+
 from fairdiff_jax import config_cli
-from fairdiff_jax.judging import clip_vision as clip_vision_lib
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.nn.attention import ATTENTION_IMPLS
-from fairdiff_jax.sd import clip_text, sampler
+from fairdiff_jax.sd import sampler
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
 from fairdiff_jax.training.loop import load_models
 
 GIB = 2**30
+PROMPT = "a photo of the face of a doctor"
 PARTS = ("sampling", "faces", "ot", "gradient")
 
 # Dense peak FLOP/s (no sparsity) from the vendors' data sheets: (bfloat16 on the tensor / matrix units,
@@ -115,9 +117,8 @@ def median_parts(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
 
 
-def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
-    mesh = parallel.make_mesh()
-    sd, judges, judge_variables = load_models(config)
+def step_setup(config, sd, judges, judge_variables, mesh):
+    """(stages, frozen weights, train state) of a run of `config` with these models, replicated over `mesh`."""
     settings = debias_step.settings_from_config(config)
     stages = debias_step.Stages(sd, judges, settings, mesh, judges_lib.make_detector(config))
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
@@ -125,12 +126,12 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     o = config.optim
     tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, 0), mesh)
-    num_steps = config.train.max_denoising_steps
-    prompt = "a photo of the face of a doctor"
-    device_kind = jax.devices()[0].device_kind
-    print(f"devices: {mesh.devices.size} x {device_kind}; {settings.images_per_prompt} images per step, "
-          f"{num_steps} denoising steps, generation chunks of {settings.generation_batch_size}, micro-batch {settings.micro_batch_size}")
+    return stages, frozen, state
 
+
+def time_jax_steps(stages, state, frozen, num_steps: int, steps: int, prompt: str = PROMPT):
+    """Runs steps 0..`steps` (step 0 compiles) and prints each one's parts; -> (median seconds per part over
+    steps 1.., the per-step rows including step 0, the last step's Prepared, the state after the last step)."""
     rows = []
     for step in range(steps + 1):
         timings = {}
@@ -142,33 +143,51 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
         jax.block_until_ready(state.params)
         timings["gradient"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
-        print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()))
-        if step > 0:
-            rows.append(timings)
-    jax_seconds = median_parts(rows)
-    if rows:
-        print("median over steps 1..: " + ", ".join(f"{k} {v:.3f} s" for k, v in jax_seconds.items()))
+        print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()), flush=True)
+        rows.append(timings)
+    seconds = median_parts(rows[1:])
+    if seconds:
+        print("median over steps 1..: " + ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()))
+    return seconds, rows, prepared, state
 
-    local = settings.images_per_prompt // mesh.devices.size
+
+def step_flops(stages, state, frozen, prepared, num_steps: int) -> dict:
+    """XLA-counted FLOPs per device of each jitted part of a step: {part: (loop bodies counted once, x loop trips)}
+    and their sum under 'step' (the module docstring says why this is a bracket). The stages must have run with
+    these shapes already: their compiled executables are reused, nothing compiles again."""
+    settings = stages.settings
+    local = settings.images_per_prompt // stages.num_devices
     chunk = debias_step._largest_divisor_at_most(local, settings.generation_batch_size)
     micro = min(settings.micro_batch_size, local)
-    schedule = parallel.replicate(sampler.make_schedule(sd.scheduler_config, num_steps), mesh)
+    schedule = parallel.replicate(sampler.make_schedule(stages.sd.scheduler_config, num_steps), stages.mesh)
     inputs = prepared.inputs
-    # Per part: (XLA's count, loop bodies once; times the trip counts of the loops counted once), per device.
     counted = {
         "sampling": (2 * cost_flops(stages._generate, state.params, frozen, prepared.text, schedule, inputs["noise"], chunk=chunk),
                      (local // chunk) * num_steps),
         "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, inputs["boxes"],
                              inputs["found"], inputs["original_boxes"], inputs["original_found"], inputs["chip_from_image"]), 1),
-        "gradient": (cost_flops(stages.train_step, state, shared, inputs, jax.random.key(0)), -(-local // micro) * num_steps),
+        "gradient": (cost_flops(stages.train_step, state, stages.shared(frozen, prepared), inputs, jax.random.key(0)),
+                     -(-local // micro) * num_steps),
     }
     flops = {part: (value, value * trips) for part, (value, trips) in counted.items()}
     flops["step"] = tuple(sum(bounds) for bounds in zip(*flops.values()))
     for part, (lower, upper) in flops.items():
         print(f"XLA cost-analysis FLOPs per device, {part}: {lower:.3e} (loop bodies counted once) .. {upper:.3e} (x loop trips)")
+    return flops
 
+
+def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
+    mesh = parallel.make_mesh()
+    stages, frozen, state = step_setup(config, *load_models(config), mesh)
+    settings = stages.settings
+    num_steps = config.train.max_denoising_steps
+    device_kind = jax.devices()[0].device_kind
+    print(f"devices: {mesh.devices.size} x {device_kind}; {settings.images_per_prompt} images per step, "
+          f"{num_steps} denoising steps, generation chunks of {settings.generation_batch_size}, micro-batch {settings.micro_batch_size}")
+    jax_seconds, _, prepared, state = time_jax_steps(stages, state, frozen, num_steps, steps)
+    flops = step_flops(stages, state, frozen, prepared, num_steps)
     if run_torch:
-        torch_seconds = benchmark_torch(config, steps, num_steps, prompt)
+        torch_seconds = benchmark_torch(config, steps, num_steps, PROMPT)
         if torch_seconds:
             print_comparison(jax_seconds, torch_seconds)
     if jax_seconds:
@@ -234,51 +253,11 @@ def print_fraction_of_peak(flops: dict, seconds: dict, device_kind: str, dtype: 
 # ---- SD-1.5 shapes, compile only -------------------------------------------------------------------------
 
 
-def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
-    """Modules of the real networks and ShapeDtypeStruct params (nothing allocated, nothing initialised).
-
-    The UNet and the VAE decoder (the networks differentiated at 64x64 latents) use `attention_impl` and
-    remat; the judges (257 tokens at most) keep the default kernel."""
-    from fairdiff_jax.judging import dinov2, mobilenet_v3, sfnet
-    from fairdiff_jax.sd.loader import StableDiffusion
-    from fairdiff_jax.sd.tiny import build_tokenizer
-    from fairdiff_jax.sd.unet import UNet2DConditionModel, UNetConfig
-    from fairdiff_jax.sd.vae import AutoencoderKLDecoder, VAEDecoderConfig
-
-    unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768), dtype=dtype, param_dtype=dtype,
-                                attention_impl=attention_impl, remat=True)
-    vae = AutoencoderKLDecoder(VAEDecoderConfig(), dtype, dtype, attention_impl, remat=True)
-    text_encoder = clip_text.CLIPTextTransformer(clip_text.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                                num_attention_heads=12), jnp.float32, jnp.float32)
-    latents = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
-    unet_params = jax.eval_shape(unet.init, jax.random.key(0), latents, jnp.zeros((1,), jnp.int32),
-                                 jax.ShapeDtypeStruct((1, 77, 768), jnp.float32))["params"]
-    vae_params = jax.eval_shape(vae.init, jax.random.key(0), latents)["params"]
-    sd = StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_encoder.param_shapes(), build_tokenizer(),
-                         sampler.SchedulerConfig())
-    clip_vision = clip_vision_lib.CLIPVisionWithProjection(
-        clip_vision_lib.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                              image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"), dtype, dtype, remat=True)
-    dino = dinov2.Dinov2Model(dinov2.Dinov2Config(), 224, dtype, dtype, remat=True)
-    classifier = mobilenet_v3.MobileNetV3Large(6, dtype=dtype, param_dtype=dtype)
-    face_net = sfnet.SFNet20(False, dtype, dtype)
-    judges = judges_lib.Judges(classifier, face_net, clip_vision, dino, (("gender", 2), ("race", 4)), ("gender", "race"))
-    aligned = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
-    judge_variables = dict(
-        classifier=mobilenet_v3.variable_shapes(classifier, 224),
-        sfnet=jax.eval_shape(face_net.init, jax.random.key(0), aligned),
-        clip=clip_vision_lib.param_shapes(),
-        dino=dino.param_shapes(),
-        face_bank=jax.ShapeDtypeStruct((10000, 512), jnp.float32),
-    )
-    return sd, judges, judge_variables
-
-
 def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, images_per_device: int = 20,
                 num_steps: int = 23, dtype=jnp.bfloat16, attention_impl: str = "chunked") -> None:
     from fairdiff_jax.judging import tiny as tiny_assets
 
-    sd, judges, judge_variables = sd15_abstract_models(dtype, attention_impl)
+    sd, judges, judge_variables = random_models.abstract_models(random_models.SHAPES["sd15"], dtype, attention_impl)
     mesh = parallel.make_mesh(jax.devices()[:1])
     config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
     config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
