@@ -282,6 +282,8 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     inputs = dict(noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
                   targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
                   original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512))
+    if settings.dft_gradient == "stored_trajectory":
+        inputs.update(final_latents=f32(b, 64, 64, 4), trajectory=f32(b, num_steps, 64, 64, 4))
     started = time.perf_counter()
     compiled = stages.train_step.lower(state, shared, inputs, jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
@@ -301,6 +303,71 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     print(f"  XLA cost-analysis FLOPs of the gradient stage (loop bodies counted once): {float((compiled.cost_analysis() or {}).get('flops', float('nan'))):.3e}")
 
 
+def unet_equivalents(lora_part: str, micro_batch: int = 4, dtype=jnp.bfloat16, attention_impl: str = "chunked",
+                     shapes: str = "sd15") -> dict:
+    """UNet-forward equivalents per image per denoising step of a training step (random_models.SHAPES[shapes]), per
+    gradient path (step.DFT_GRADIENTS).
+
+    XLA counts a loop body once, so the counts come from programs whose loops all run once: one denoising step, one
+    micro-batch of `micro_batch` images, abstract inputs (compile only). U = FLOPs of one guided UNet call (the
+    prompt and the empty prompt) per image; for each path, the gradient stage's per-step UNet work = FLOPs of the
+    sampler's gradient (w.r.t. the UNet LoRA, or the prompt embeddings a text-encoder LoRA reaches) minus those of
+    the VAE decode's gradient (once per image per step, not per denoising step). The no-gradient pass adds 2 U
+    (the LoRA's images and the frozen model's). -> {path: equivalents}.
+    """
+    from fairdiff_jax.sd import lora as lora_lib
+
+    sd, _, _ = random_models.abstract_models(random_models.SHAPES[shapes], dtype, attention_impl)
+    m, (h, w, c) = micro_batch, sd.latent_shape
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    schedule = sampler.make_schedule(sd.scheduler_config, 1)
+    scales = sampler.dft_gradient_scales(sd.scheduler_config, schedule)
+    text, mask = f32(1, 77, sd.unet.config.cross_attention_dim), jax.ShapeDtypeStruct((1, 77), jnp.int32)
+    latents, weights = f32(m, h, w, c), f32(m, sd.image_size, sd.image_size, 3)
+    unet_lora = jax.eval_shape(lambda: lora_lib.init(jax.random.key(0), sd.unet_params, lora_lib.select_targets(sd.unet_params, "unet"), 50 if shapes == "sd15" else 4))
+    trainable = unet_lora if lora_part == "unet" else {}
+
+    def flops(fn, *args) -> float:
+        started = time.perf_counter()
+        value = cost_flops(jax.jit(fn), *args)
+        print(f"  compiled {fn.__name__} in {time.perf_counter() - started:.0f} s: {value:.4e} FLOPs", flush=True)
+        return value
+
+    def guided_unet(params, x, cond, uncond, mask):
+        eps_fn = lambda x, t, ctx, msk: sd.unet.apply({"params": params}, x, t, ctx, msk)  # noqa: E731
+        return sampler.guided_eps(eps_fn, x, schedule.timesteps[0], cond, uncond, 7.5, mask)
+
+    def decode_gradient(vae_params, x, weights):
+        return jax.grad(lambda x: jnp.sum(jax.checkpoint(lambda x: sampler.decode_latents(sd.vae, vae_params, x))(x) * weights))(x)
+
+    def rerun_gradient(unet_params, vae_params, trainable, cond, uncond, mask, noise, weights):
+        def loss(trainable, cond, uncond):
+            params = lora_lib.merge(unet_params, trainable) if trainable else unet_params
+            images = sampler.sample_images_adjusted(sd.unet, params, sd.vae, vae_params, schedule, scales, noise, cond, uncond, 7.5, mask)
+            return jnp.sum(images * weights)
+        return jax.grad(loss, argnums=(0, 1, 2))(trainable, cond, uncond)
+
+    def stored_gradient(unet_params, vae_params, trainable, cond, uncond, mask, trajectory, final, weights):
+        def loss(trainable, cond, uncond):
+            params_of = lambda t: lora_lib.merge(unet_params, t) if t else unet_params  # noqa: E731
+            images = sampler.images_from_trajectory(sd.unet, params_of, trainable, sd.vae, vae_params, schedule, scales, trajectory,
+                                                    final, cond, uncond, 7.5, mask)
+            return jnp.sum(images * weights)
+        return jax.grad(loss, argnums=(0, 1, 2))(trainable, cond, uncond)
+
+    print(f"{shapes} shapes, {lora_part} LoRA, micro-batch {m}, one denoising step, {jnp.dtype(dtype).name}, '{attention_impl}' attention, "
+          f"remat {sd.unet.remat} (compiles on {jax.devices()[0].device_kind}):", flush=True)
+    unet = flops(guided_unet, sd.unet_params, latents, text, text, mask) / m
+    decode = flops(decode_gradient, sd.vae_params, latents, weights)
+    rerun = flops(rerun_gradient, sd.unet_params, sd.vae_params, trainable, text, text, mask, latents, weights)
+    stored = flops(stored_gradient, sd.unet_params, sd.vae_params, trainable, text, text, mask, f32(m, 1, h, w, c), latents, weights)
+    equivalents = {path: 2 + (value - decode) / (m * unet) for path, value in (("rerun", rerun), ("stored_trajectory", stored))}
+    print(f"  one guided UNet call: {unet:.4e} FLOPs per image; VAE decode gradient {decode / m:.4e} per image")
+    for path, value in equivalents.items():
+        print(f"  {path}: {value:.2f} UNet-forward equivalents per image per denoising step (2 of them the no-gradient pass)")
+    return equivalents
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -312,7 +379,13 @@ def main(argv=None):
     parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="chunked",
                         help="with --sd15-shapes: the UNet's and VAE's attention kernel ('cudnn' on a GPU)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (scripts/torch_train_step.py)")
+    parser.add_argument("--sd15-unet-equivalents", action="store_true",
+                        help="count UNet-forward equivalents per image per denoising step of both gradient paths (compile only)")
     args, config_args = parser.parse_known_args(argv[1:])
+    if args.sd15_unet_equivalents:
+        for part in ("text_encoder", "unet") if args.sd15_lora == "both" else (args.sd15_lora,):
+            unet_equivalents(part, attention_impl=args.attention_impl)
+        return
     if args.sd15_shapes:
         if args.sd15_lora in ("text_encoder", "both"):
             sd15_memory(True, False, 4, attention_impl=args.attention_impl)

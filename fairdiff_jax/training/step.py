@@ -12,9 +12,10 @@ Everything random is a function of (seed, step), never of the device layout: the
 normal(fold_in(step_key, i)) with step_key = fold_in(the run's base key TrainState.rng, step); the OT draws
 use numpy's default_rng([seed, step]); the denoising-step count default_rng([seed, step, 1]).
 
-The gradient stage regenerates X with `sampler.sample_images_adjusted` (merged LoRA for the UNet and/or the
-text encoder; with a text-encoder LoRA the prompt is re-encoded inside the loss so the gradient reaches it),
-reuses the faces found on the no-gradient X (the same images), and sums per image: the fairness
+The gradient stage differentiates X's sampling the adjusted-DFT way (DFT_GRADIENTS: from the latents the
+no-gradient pass stored, or by regenerating X; merged LoRA for the UNet and/or the text encoder; with a
+text-encoder LoRA the prompt is re-encoded inside the loss so the gradient reaches it), reuses the faces found
+on the no-gradient X (the same images), and sums per image: the fairness
 cross-entropies, weight_img * w_i * ((1 - cos CLIP) + (1 - cos DINO)) with the face-region gradient scale
 on the CLIP/DINO path only, and weight_face * the face-realism term (alignment.alignment_loss).
 
@@ -63,11 +64,23 @@ class Settings:
     uncertainty_threshold: float
     ot_num_samples: int
     target_marginals: tuple[tuple[float, ...], ...]
+    dft_gradient: str = "stored_trajectory"  # or "rerun" (DFT_GRADIENTS)
+
+
+# How the gradient stage differentiates the sampler (config.train.dft_gradient):
+#   "stored_trajectory": from the latents the no-gradient pass with the LoRA stored (sampler.images_from_trajectory):
+#     per denoising step one VJP of the UNet call at its stored input, no forward re-run of the chain;
+#   "rerun": sampler.sample_images_adjusted regenerates the images under jax.checkpoint, then differentiates.
+# Same gradients (tests/test_stored_trajectory.py); "rerun" is kept for comparison.
+DFT_GRADIENTS = ("stored_trajectory", "rerun")
 
 
 def settings_from_config(config) -> Settings:
     attributes = tuple(config.target.attributes)
     _, _, expand_coef = judges_lib.detector_spec(config)
+    dft_gradient = str(config.train.dft_gradient)
+    if dft_gradient not in DFT_GRADIENTS:
+        raise ValueError(f"config.train.dft_gradient = {dft_gradient!r}: expected one of {DFT_GRADIENTS}")
     return Settings(
         seed=int(config.seed),
         images_per_prompt=int(config.train.images_per_prompt),
@@ -87,6 +100,7 @@ def settings_from_config(config) -> Settings:
         uncertainty_threshold=float(config.loss.uncertainty_threshold),
         ot_num_samples=int(config.loss.ot_num_samples),
         target_marginals=tuple(tuple(float(v) for v in config.target.marginals[a]) for a in attributes),
+        dft_gradient=dft_gradient,
     )
 
 
@@ -164,7 +178,7 @@ class Stages:
             )
         self.text_length = sd.tokenizer.model_max_length
         self._noise = jax.jit(self._noise_fn, static_argnums=(1,), out_shardings=parallel.data_sharded(mesh))
-        self._generate = jax.jit(self._generate_fn, static_argnames=("chunk",))
+        self._generate = jax.jit(self._generate_fn, static_argnames=("chunk", "keep_trajectory"))
         self._judge = jax.jit(self._judge_fn)
         self._probs = jax.jit(self._probs_fn)
         self.train_step = parallel.make_train_step(self._loss_fn, mesh, settings.micro_batch_size)
@@ -198,36 +212,41 @@ class Stages:
         hidden = encode_text(self.sd.text_encoder, text_encoder_params, text.input_ids, text.attention_mask)
         return hidden[1:], hidden[:1]
 
-    def _sample(self, unet_params, text_encoder_params, frozen, text, schedule, noise, chunk):
-        """Images of noise [b, ...] in lax.map chunks of `chunk` (bounds the sampler's memory)."""
+    def _sample(self, unet_params, text_encoder_params, frozen, text, schedule, noise, chunk, keep_trajectory):
+        """Images of noise [b, ...] in lax.map chunks of `chunk` (bounds the sampler's memory); with keep_trajectory
+        (images, final latents, trajectory) as sampler.sample_images_and_trajectory returns them."""
         cond, uncond = self._encode(text_encoder_params, text)
+        sample = sampler.sample_images_and_trajectory if keep_trajectory else sampler.sample_images
 
         def one(chunk_noise):
-            return sampler.sample_images(
+            return sample(
                 self.sd.unet, unet_params, self.sd.vae, frozen["vae"], schedule, chunk_noise, cond, uncond,
                 self.settings.guidance_scale, text.context_mask,
             )
 
         b = noise.shape[0]
-        images = jax.lax.map(one, noise.reshape((b // chunk, chunk) + noise.shape[1:]))
-        return images.reshape((b,) + images.shape[2:])
+        outputs = jax.lax.map(one, noise.reshape((b // chunk, chunk) + noise.shape[1:]))
+        return jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), outputs)
 
-    def _generate_fn(self, lora, frozen, text, schedule, noise, chunk):
+    def _generate_fn(self, lora, frozen, text, schedule, noise, chunk, keep_trajectory=False):
         """-> images of `lora` (a dict with the trained parts, {} for the frozen model), split over 'data'."""
 
         def per_device(lora, frozen, text, schedule, noise):
             unet_params = merged(frozen, lora, "unet")
             text_encoder_params = merged(frozen, lora, "text_encoder")
-            return self._sample(unet_params, text_encoder_params, frozen, text, schedule, noise, chunk)
+            return self._sample(unet_params, text_encoder_params, frozen, text, schedule, noise, chunk, keep_trajectory)
 
         return jax.shard_map(
             per_device, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(parallel.DATA_AXIS)), out_specs=P(parallel.DATA_AXIS)
         )(lora, frozen, text, schedule, noise)
 
-    def generate(self, lora: dict, frozen: dict, text: Text, schedule: sampler.Schedule, noise: jax.Array, chunk: int) -> jax.Array:
-        """Images [B, H, W, 3] in [-1, 1] of `lora` ({} = frozen), no gradient, split over 'data'."""
+    def generate(self, lora: dict, frozen: dict, text: Text, schedule: sampler.Schedule, noise: jax.Array, chunk: int,
+                 keep_trajectory: bool = False):
+        """Images [B, H, W, 3] in [-1, 1] of `lora` ({} = frozen), no gradient, split over 'data'; with keep_trajectory
+        (images, final latents [B, h, w, 4], trajectory [B, n, h, w, 4]) for the stored-trajectory gradient."""
         local = noise.shape[0] // self.num_devices
-        return self._generate(lora, frozen, text, schedule, noise, chunk=_largest_divisor_at_most(local, chunk))
+        return self._generate(lora, frozen, text, schedule, noise, chunk=_largest_divisor_at_most(local, chunk),
+                              keep_trajectory=keep_trajectory)
 
     def _chips(self, images, boxes, found):
         crop_boxes = crops.square_boxes(boxes, self.settings.expand_coef)
@@ -268,7 +287,10 @@ class Stages:
         text = self.tokenize(prompt)
         schedule = parallel.replicate(sampler.make_schedule(self.sd.scheduler_config, num_steps), self.mesh)
         noise = self.noise(key, s.images_per_prompt)
-        images = self.generate(lora, frozen, text, schedule, noise, s.generation_batch_size)
+        stored = s.dft_gradient == "stored_trajectory"
+        images = self.generate(lora, frozen, text, schedule, noise, s.generation_batch_size, keep_trajectory=stored)
+        if stored:  # the gradient stage differentiates from this run's latents (~55 MB for 40 images x 21 steps)
+            images, final_latents, trajectory = images
         original_images = self.generate({}, frozen, text, schedule, noise, s.generation_batch_size)
         clock.lap("sampling", (images, original_images))
         found_faces, transforms = self.detect(images)
@@ -304,6 +326,8 @@ class Stages:
             original_found=found_original.found,
         )
         inputs = dict(_put_global(host_inputs, self.mesh), noise=noise, **{f"original_{k}": v for k, v in original_features.items()})
+        if stored:
+            inputs.update(final_latents=final_latents, trajectory=trajectory)
         return Prepared(
             inputs=inputs, text=text, num_steps=num_steps,
             images=np.asarray(parallel.gather_to_hosts(images)),
@@ -330,10 +354,18 @@ class Stages:
         frozen, text = shared["frozen"], shared["text"]
         judge_vars = frozen["judges"]
         cond, uncond = self._encode(merged(frozen, lora, "text_encoder"), text)
-        images = sampler.sample_images_adjusted(
-            self.sd.unet, merged(frozen, lora, "unet"), self.sd.vae, frozen["vae"], shared["schedule"],
-            shared["gradient_scales"], batch["noise"], cond, uncond, s.guidance_scale, text.context_mask,
-        )
+        if s.dft_gradient == "stored_trajectory":
+            unet_lora = lora.get("unet", {})
+            images = sampler.images_from_trajectory(
+                self.sd.unet, lambda unet_lora: merged(frozen, {"unet": unet_lora} if unet_lora else {}, "unet"), unet_lora,
+                self.sd.vae, frozen["vae"], shared["schedule"], shared["gradient_scales"], batch["trajectory"],
+                batch["final_latents"], cond, uncond, s.guidance_scale, text.context_mask,
+            )
+        else:
+            images = sampler.sample_images_adjusted(
+                self.sd.unet, merged(frozen, lora, "unet"), self.sd.vae, frozen["vae"], shared["schedule"],
+                shared["gradient_scales"], batch["noise"], cond, uncond, s.guidance_scale, text.context_mask,
+            )
         found = batch["found"]
         targets = [batch["targets"][:, a] for a in range(len(judges.attributes))]
         original_preds = [batch["original_preds"][:, a] for a in range(len(judges.attributes))]
