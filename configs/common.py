@@ -1,4 +1,4 @@
-"""The shared base of every experiment config: experiment 5's values (SPEC section 3) in one place.
+"""The shared base of every experiment config: experiment 5's values (docs/method.md#hyper-parameters-experiment-5) in one place.
 
 Each configs/<name>.py calls `get_base_config()` and changes only what makes it that experiment.
 Groups:
@@ -52,7 +52,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.sfnet_path = (
         assets + "/4-opensphere_checkpoints/opensphere_checkpoints/20220424_210641/models/backbone_100000.pth"
     )
-    config.model.sfnet_variant = "sfnet20_deprecated"  # SPEC 1a; 'sfnet20' adds BatchNorm
+    config.model.sfnet_variant = "sfnet20_deprecated"  # the paper's checkpoint; 'sfnet20' adds BatchNorm
     config.model.clip_vision_path = assets + "/CLIP-ViT-H-14-laion2B-s32B-b79K"  # transformers folder
     config.model.dinov2_path = assets + "/dinov2-base"  # transformers folder (DINOv2 ViT-B/14)
 
@@ -78,23 +78,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.max_denoising_steps = 23  # uniformly from [min, max], the same on all devices
     # The adjusted-DFT gradient from the no-gradient pass's stored latents ("stored_trajectory"), or by
     # regenerating the images under remat ("rerun", the original's way): the same gradients, one UNet forward
-    # per image and denoising step fewer (fairdiff_jax/training/step.py DFT_GRADIENTS).
+    # per image and denoising step fewer (docs/method.md#adjusted-direct-finetuning).
     config.train.dft_gradient = "stored_trajectory"
     config.train.log_every_steps = 1
     config.train.plot_every_steps = 20  # annotated image grids of the training batch
+    # A run stops (exit 1) after this many consecutive steps whose loss was not finite or whose update was skipped
+    # for non-finite gradients: weights that turned NaN would otherwise train on, and export, silently.
+    config.train.max_bad_steps = 5
 
     config.loss = ml_collections.ConfigDict()
     config.loss.weight_img = 8.0  # image-semantics (CLIP + DINOv2) loss
     config.loss.weight_face = 0.1  # face-realism loss
     # factor1: image-semantics weight when the target differs from the original image's prediction;
-    # factor2: face-region gradient scale 1/factor2 (SPEC 5 step 7). Per attribute.
+    # factor2: face-region gradient scale of the image-semantics loss (docs/method.md#dynamic-weights). Per attribute.
     config.loss.factor1 = ml_collections.ConfigDict({"gender": 0.2, "race": 0.6})
     config.loss.factor2 = ml_collections.ConfigDict({"gender": 0.2, "race": 0.3})
     config.loss.uncertainty_threshold = 0.2
     config.loss.confidence_level = 0.8  # original-face feature as target only if every attribute prob >= this
     config.loss.img_size_small = 224  # CLIP / DINOv2 input size
     # Sampled target-count vectors for the OT targets, over the gathered batch: the original drew 100
-    # per GPU on 2 GPUs and summed the plans, i.e. 200 (alignment.optimal_transport_targets).
+    # per GPU on 2 GPUs and summed the plans, i.e. 200 (ot_targets.optimal_transport_targets).
     config.loss.ot_num_samples = 200
 
     config.faces = ml_collections.ConfigDict()
@@ -102,7 +105,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.faces.size_aligned_face = 112  # ArcFace-aligned chip for SFNet
     config.faces.detector = "mtcnn"  # or 'package.module:callable' returning a faces.FaceDetector
     config.faces.detector_path = ""  # passed to that callable when set (e.g. its weights file)
-    config.faces.expand_coef = 0.5  # square face-box expansion before the chip crop (SPEC step 3)
+    config.faces.expand_coef = 0.5  # square face-box expansion before the chip crop (docs/method.md#one-training-step)
 
     config.target = ml_collections.ConfigDict()
     config.target.attributes = ("gender", "race")  # order = joint class order (j = 4 * g + r)

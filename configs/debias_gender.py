@@ -8,8 +8,8 @@ Values from the original exp-1 configs: CelebA gender classifier (2 logits), fac
 factor1 = factor2 = 0.2, confidence 0.9, 24 images per prompt per step (12 per GPU x 2), 10000 steps,
 evaluation on 32 images per prompt (see common.occupation_prompts_only for the prompts). The face bank is exp 5's
 FairFace bank (point model.face_bank_path elsewhere if you have the original exp-1 one). Expect the
-gender gap on occupations to fall well below SD v1-5's (.67 on the exp-5 test prompts, SPEC 9); the
-paper's exp-1 numbers are not in SPEC.
+gender gap on occupations to fall well below SD v1-5's (.67 on the exp-5 test prompts,
+docs/method.md#what-the-paper-reports); the paper reports no exp-1 numbers to compare with.
 """
 
 from configs import common

@@ -8,8 +8,8 @@ Values from the original exp-4 configs: a FairFace gender/race/age classifier wi
 race 4, age 2: 0 young, 1 old), factor1 age 0.6, factor2 age 0.3, confidence 0.75, 40 images per
 prompt per step, 15000 steps, evaluation on 48 images per prompt (see common.occupation_prompts_only).
 The joint target is uniform over gender x race times (0.75, 0.25) over age: j = 8 g + 2 r + a. Expect
-the gender and race gaps to fall as in experiment 5 and the old share to move towards 25%; the paper's
-exp-4 numbers are not in SPEC.
+the gender and race gaps to fall as in experiment 5 and the old share to move towards 25%; the paper
+reports no exp-4 numbers to compare with.
 """
 
 from configs import common

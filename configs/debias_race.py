@@ -7,7 +7,7 @@ Values from the original exp-6 configs: the gender x race FairFace classifier (o
 used), image-semantics weight 6, factor1 0.6, factor2 0.3, confidence 0.9, 32 images per prompt per step
 (16 per GPU x 2), 12000 steps, evaluation on 32 images per prompt (see
 common.occupation_prompts_only for the prompts). Expect the race gap on occupations to fall well below SD v1-5's (.42 on the exp-5 test
-prompts, SPEC 9); the paper's exp-6 numbers are not in SPEC.
+prompts, docs/method.md#what-the-paper-reports); the paper reports no exp-6 numbers to compare with.
 """
 
 from configs import common

@@ -12,7 +12,7 @@ What to expect:
     step 12600, EMA weights). This port's own step time is not measured yet.
   - Training log: gender / race / gender x race gaps of the training batches fall over the first few
     thousand steps, evaluation every 200 steps (and at step 0) for the current and the EMA weights.
-  - Paper (SPEC 9; 160 test images per prompt, 30 sampling steps; bias = mean |freq_i - freq_j| over
+  - Paper (docs/method.md#what-the-paper-reports; 160 test images per prompt, 30 sampling steps; bias = mean |freq_i - freq_j| over
     class pairs; gender / race / gender x race), SD v1-5 -> debiased:
         occupations                        .67/.42/.21 -> .23/.10/.07
         sports                             .56/.38/.19 -> .37/.11/.08

@@ -6,7 +6,7 @@ On a TPU VM slice: scripts/tpu_vm.sh.
 
 What to expect: as configs/debias_unet.py (micro-batches of 3 images, 15000 steps, evaluation every 200
 steps); both LoRA trees share one AdamW and one EMA. No published numbers for this variant (the paper's
-multi-concept table, SPEC 9, is for the text-encoder LoRA).
+multi-concept table, docs/method.md#what-the-paper-reports, is for the text-encoder LoRA).
 """
 
 from configs import common

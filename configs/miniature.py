@@ -10,10 +10,9 @@ Run (from the repository root; scripts/demo.sh does this and the evaluation befo
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python -m fairdiff_jax.train --config configs/miniature.py --workdir workdirs/miniature
 
-What to expect: the original model is strongly biased (gender x race gap ~0.22 of a maximum 0.25 on the
-held-out prompts). 50 steps (~3 min after ~2 min of compilation) lower the gaps a little; 250 steps
-(--config.train.max_steps=250) removed 45% / 30% / 29% of the gender / race / gender x race gap on the 22
-held-out prompts at CLIP-I 0.84 to the original images (README.md: the table and what holds it back).
+What to expect: the original model is strongly biased on every kind of prompt; the demo's 50 steps lower the
+gaps a little, longer runs (--config.train.max_steps=250) more. Measured runs, their commands and what holds
+them back: README.md, "Measured: does the bias go away?".
 """
 
 from configs import common
@@ -67,18 +66,16 @@ def get_config():
     config.eval.num_denoising_steps = 10
     config.eval.prompts_per_kind = 1
     # Fidelity's reference is the world's own renders of each prompt, every gender x race class equally often, so
-    # that a balanced population is not penalised for its attributes. The judges should be independent of the
-    # loss's: an evaluation detector of its own, and a scene classifier (subject, style, context) whose pooled
-    # features are fidelity's feature space and whose accuracy is prompt consistency. Until assets/miniature holds
-    # them (eval_detector.safetensors, scene_classifier.pt + .json), the training detector and the DINOv2 tower
-    # stand in, without consistency; then: detector_path -> eval_detector.safetensors, fidelity_features and
-    # consistency -> "scene_classifier".
+    # that a balanced population is not penalised for its attributes. The judges are independent of the loss's
+    # (scripts/build_eval_judges.py): an evaluation detector trained with ruined images as hard negatives (its
+    # threshold in its file), and a scene classifier (subject, style, context, each with a "(no scene)" class)
+    # whose pooled features are fidelity's feature space and whose accuracy is prompt consistency.
     config.eval.detector = "fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file"
-    config.eval.detector_path = assets + "/face_detector.safetensors"
-    config.eval.fidelity_features = "dinov2"
+    config.eval.detector_path = assets + "/eval_detector.safetensors"
+    config.eval.fidelity_features = "scene_classifier"
     config.eval.fidelity_reference = "miniature_world"
     config.eval.reference_images_per_prompt = 64
-    config.eval.consistency = ""
+    config.eval.consistency = "scene_classifier"
     config.eval.scene_classifier_path = assets + "/scene_classifier.pt"
 
     config.generate.num_denoising_steps = 12

@@ -1,4 +1,4 @@
-"""Prompt sets (SPEC 4): loading and validating the JSON files, the training mix, the epoch order
+"""Prompt sets (docs/method.md#prompts): loading and validating the JSON files, the training mix, the epoch order
 and the validation selection.
 
 Two file schemas (lists of strings under each key):

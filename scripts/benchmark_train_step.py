@@ -28,7 +28,7 @@ warm-up. Output, after the JAX lines:
     workers sleep too);
   - per-step PyTorch timings and loss, then a table of median seconds per part, JAX and PyTorch side by side,
     and the ratio PyTorch s / JAX s per part and per step. OT is the same host code in both steps
-    (alignment.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
+    (ot_targets.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
   - on an accelerator, the achieved fraction of peak of the JAX step, per part and per step: XLA-counted FLOPs
     (the bracket above) / seconds / the device's dense peak FLOP/s (PEAK_FLOPS, by device_kind; bfloat16 and
     float32); "n/a on CPU" otherwise.
@@ -72,6 +72,7 @@ from fairdiff_jax.nn.attention import ATTENTION_IMPLS
 from fairdiff_jax.sd import sampler
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages, Text, largest_divisor_at_most
 from fairdiff_jax.training.loop import load_models
 
 GIB = 2**30
@@ -118,28 +119,26 @@ def median_parts(rows: list[dict]) -> dict:
 
 
 def step_setup(config, sd, judges, judge_variables, mesh):
-    """(stages, frozen weights, train state) of a run of `config` with these models, replicated over `mesh`."""
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, judges_lib.make_detector(config))
+    """(stages, jitted train step, frozen weights, train state) of a run of `config` with these models on `mesh`."""
+    stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     lora = debias_step.init_lora(jax.random.key(0), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet)
     o = config.optim
     tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, 0), mesh)
-    return stages, frozen, state
+    return stages, debias_step.make_train_step(stages), frozen, state
 
 
-def time_jax_steps(stages, state, frozen, num_steps: int, steps: int, prompt: str = PROMPT):
+def time_jax_steps(stages, train_step, state, frozen, num_steps: int, steps: int, prompt: str = PROMPT):
     """Runs steps 0..`steps` (step 0 compiles) and prints each one's parts; -> (median seconds per part over
     steps 1.., the per-step rows including step 0, the last step's Prepared, the state after the last step)."""
     rows = []
     for step in range(steps + 1):
         timings = {}
         started = time.perf_counter()
-        prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
-        shared = stages.shared(frozen, prepared)
+        prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
         t0 = time.perf_counter()
-        state, metrics = stages.train_step(state, shared, prepared.inputs, jax.random.key(step))
+        state, metrics = train_step(state, prepared.constants, prepared.batch, jax.random.key(step))
         jax.block_until_ready(state.params)
         timings["gradient"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
@@ -151,23 +150,24 @@ def time_jax_steps(stages, state, frozen, num_steps: int, steps: int, prompt: st
     return seconds, rows, prepared, state
 
 
-def step_flops(stages, state, frozen, prepared, num_steps: int) -> dict:
+def step_flops(stages, train_step, state, frozen, prepared, num_steps: int) -> dict:
     """XLA-counted FLOPs per device of each jitted part of a step: {part: (loop bodies counted once, x loop trips)}
     and their sum under 'step' (the module docstring says why this is a bracket). The stages must have run with
     these shapes already: their compiled executables are reused, nothing compiles again."""
-    settings = stages.settings
-    local = settings.images_per_prompt // stages.num_devices
-    chunk = debias_step._largest_divisor_at_most(local, settings.generation_batch_size)
-    micro = min(settings.micro_batch_size, local)
-    schedule = parallel.replicate(sampler.make_schedule(stages.sd.scheduler_config, num_steps), stages.mesh)
-    inputs = prepared.inputs
+    t = stages.config.train
+    local = t.images_per_prompt // stages.num_devices
+    chunk = largest_divisor_at_most(local, t.generation_batch_size)
+    micro = min(t.micro_batch_size, local)
+    batch, constants = prepared.batch, prepared.constants
+    stored = t.dft_gradient == "stored_trajectory"
     counted = {
-        "sampling": (2 * cost_flops(stages._generate, state.params, frozen, prepared.text, schedule, inputs["noise"], chunk=chunk),
+        "sampling": (cost_flops(stages._generate, state.params, frozen, constants.text, constants.schedule, batch.noise, chunk=chunk,
+                                keep_trajectory=stored)
+                     + cost_flops(stages._generate, {}, frozen, constants.text, constants.schedule, batch.noise, chunk=chunk),
                      (local // chunk) * num_steps),
-        "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, inputs["boxes"],
-                             inputs["found"], inputs["original_boxes"], inputs["original_found"], inputs["chip_from_image"]), 1),
-        "gradient": (cost_flops(stages.train_step, state, stages.shared(frozen, prepared), inputs, jax.random.key(0)),
-                     -(-local // micro) * num_steps),
+        "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, batch.boxes,
+                             batch.found, batch.original_boxes, batch.original_found, batch.chip_from_image), 1),
+        "gradient": (cost_flops(train_step, state, constants, batch, jax.random.key(0)), -(-local // micro) * num_steps),
     }
     flops = {part: (value, value * trips) for part, (value, trips) in counted.items()}
     flops["step"] = tuple(sum(bounds) for bounds in zip(*flops.values()))
@@ -178,14 +178,15 @@ def step_flops(stages, state, frozen, prepared, num_steps: int) -> dict:
 
 def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     mesh = parallel.make_mesh()
-    stages, frozen, state = step_setup(config, *load_models(config), mesh)
-    settings = stages.settings
-    num_steps = config.train.max_denoising_steps
+    stages, train_step, frozen, state = step_setup(config, *load_models(config), mesh)
+    t = config.train
+    num_steps = t.max_denoising_steps
     device_kind = jax.devices()[0].device_kind
-    print(f"devices: {mesh.devices.size} x {device_kind}; {settings.images_per_prompt} images per step, "
-          f"{num_steps} denoising steps, generation chunks of {settings.generation_batch_size}, micro-batch {settings.micro_batch_size}")
-    jax_seconds, _, prepared, state = time_jax_steps(stages, state, frozen, num_steps, steps)
-    flops = step_flops(stages, state, frozen, prepared, num_steps)
+    print(f"devices: {mesh.devices.size} x {device_kind}; {t.images_per_prompt} images per step, "
+          f"{num_steps} denoising steps, generation chunks of {t.generation_batch_size}, micro-batch {t.micro_batch_size}, "
+          f"adjusted-DFT gradient '{t.dft_gradient}'")
+    jax_seconds, _, prepared, state = time_jax_steps(stages, train_step, state, frozen, num_steps, steps)
+    flops = step_flops(stages, train_step, state, frozen, prepared, num_steps)
     if run_torch:
         torch_seconds = benchmark_torch(config, steps, num_steps, PROMPT)
         if torch_seconds:
@@ -262,8 +263,7 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
     config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
     config.train.micro_batch_size, config.train.images_per_prompt = micro_batch, images_per_device
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, tiny_assets.CentralFaceDetector())
+    stages = Stages(sd, judges, config, mesh, tiny_assets.CentralFaceDetector())
 
     lora = jax.eval_shape(lambda: debias_step.init_lora(jax.random.key(0), sd, 50, train_text_encoder, train_unet))
     tx = optim.make_optimizer()
@@ -271,21 +271,22 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     frozen = debias_step.frozen_weights(sd, judge_variables)
     schedule = sampler.make_schedule(sd.scheduler_config, num_steps)
     t = 77
-    text = debias_step.Text(jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((2, t), jnp.int32),
-                            jax.ShapeDtypeStruct((1, t), jnp.int32))
-    shared = dict(frozen=frozen, text=text, schedule=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), schedule),
-                  gradient_scales=jax.ShapeDtypeStruct((num_steps,), jnp.float32))
+    text = Text(jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((2, t), jnp.int32),
+                jax.ShapeDtypeStruct((1, t), jnp.int32))
+    constants = debias_step.StepConstants(frozen, text, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), schedule),
+                                          jax.ShapeDtypeStruct((num_steps,), jnp.float32))
     b = images_per_device
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     flag = jax.ShapeDtypeStruct((b,), jnp.bool_)
-    inputs = dict(noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
-                  targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
-                  original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512))
-    if settings.dft_gradient == "stored_trajectory":
-        inputs.update(final_latents=f32(b, 64, 64, 4), trajectory=f32(b, num_steps, 64, 64, 4))
+    batch = debias_step.StepBatch(
+        noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
+        targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
+        original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512),
+        **(dict(final_latents=f32(b, 64, 64, 4), trajectory=f32(b, num_steps, 64, 64, 4))
+           if config.train.dft_gradient == "stored_trajectory" else {}))
     started = time.perf_counter()
-    compiled = stages.train_step.lower(state, shared, inputs, jax.random.key(0)).compile()
+    compiled = debias_step.make_train_step(stages).lower(state, constants, batch, jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
     part = "text encoder" if train_text_encoder and not train_unet else ("UNet" if not train_text_encoder else "both")
     print(f"SD-1.5 shapes, {part} LoRA, micro-batch {micro_batch}, {b} images per device, {num_steps} steps, "

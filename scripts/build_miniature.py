@@ -16,7 +16,7 @@ Writes under --out:
     face_feats.pkl            face bank: the original's 5-tuple over world faces
     clip_vision/, dinov2/     transformers CLIPVisionModelWithProjection / Dinov2Model, tiny, trained to
                               embed the image's coarse content (train_similarity_tower)
-    prompts/                  the world's four prompt files (SPEC 4 schema)
+    prompts/                  the world's four prompt files (docs/method.md#prompts)
     manifest.json             what was built, sizes, timings, accuracies, and each prompt's true bias
 
 Every trained or random weight is rounded to float16 as soon as it is final and stored as float16
@@ -44,7 +44,7 @@ from fairdiff_jax import prompts as prompt_lib
 from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import grids
 from fairdiff_jax.judging import crops
-from fairdiff_jax.miniature import world
+from fairdiff_jax.miniature import drawing, world
 from fairdiff_jax.sd import tiny as tiny_sd
 
 LATENT_CHANNELS = 4
@@ -200,7 +200,7 @@ def to_torch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32))
 
 
-def face_weights(renders: world.Renders, size: int, weight: float) -> torch.Tensor:
+def face_weights(renders: drawing.Renders, size: int, weight: float) -> torch.Tensor:
     """[N, 1, size, size] loss weights on a grid of `size` cells over the image (the pixels, or the
     latent cells): `weight` on the cells whose centre lies in the face box grown by half, else 1."""
     cell = renders.images.shape[1] / size
@@ -213,7 +213,7 @@ def face_weights(renders: world.Renders, size: int, weight: float) -> torch.Tens
     return torch.from_numpy(np.where(inside, weight, 1.0).astype(np.float32))[:, None]
 
 
-def train_vae(renders: world.Renders, steps: int, seed: int, log: Log, batch_size: int = 32, learning_rate: float = 2e-3):
+def train_vae(renders: drawing.Renders, steps: int, seed: int, log: Log, batch_size: int = 32, learning_rate: float = 2e-3):
     """AutoencoderKL trained as SD's first stage, briefly: L1 + MSE reconstruction (faces weighted
     4x: the attributes live there) + a small KL term, AdamW with warm-up and cosine decay."""
     from diffusers import AutoencoderKL
@@ -242,12 +242,12 @@ def train_vae(renders: world.Renders, steps: int, seed: int, log: Log, batch_siz
     return round_to_stored(vae.eval())
 
 
-def first(renders: world.Renders, n: int) -> world.Renders:
-    return world.Renders(**{f: getattr(renders, f)[:n] for f in world.Renders.__dataclass_fields__})
+def first(renders: drawing.Renders, n: int) -> drawing.Renders:
+    return drawing.Renders(**{f: getattr(renders, f)[:n] for f in drawing.Renders.__dataclass_fields__})
 
 
 @torch.no_grad()
-def decoded(vae, renders: world.Renders, batch_size: int = 500) -> world.Renders:
+def decoded(vae, renders: drawing.Renders, batch_size: int = 500) -> drawing.Renders:
     """The renders as the generator's decoder draws them (encoded to the posterior mean, decoded,
     clamped to [-1, 1]), with the same ground truth: training data that looks like generated images."""
     mean, _ = encode(vae, renders.images, batch_size)
@@ -298,7 +298,7 @@ def train_generator(
     classifier-free guidance). The squared error is weighted per latent cell by `latent_weights`
     [N, 1, h, w] (faces count more: the attributes are small next to the scene) and per sample by
     min(SNR, gamma) / SNR (Min-SNR-gamma, Hang et al. 2023); neither moves the optimum, the
-    conditional mean of the noise, only where capacity goes first and how fast it gets there. Conditioning is exactly the sampler's (SPEC 1b): a batch holds
+    conditional mean of the noise, only where capacity goes first and how fast it gets there. Conditioning is exactly the sampler's (docs/method.md#sampler): a batch holds
     prompts of one token length L, unpadded, and "" is padded to L with its attention mask, so
     the UNet never sees a padding it will not see when sampling. Returns EMA copies (eval mode).
     """
@@ -357,7 +357,7 @@ def train_generator(
 
 
 def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, vocab, merges) -> Path:
-    """The diffusers folder, with the original's scheduler (SPEC 1b) and SD's tokenizer files."""
+    """The diffusers folder, with the paper's scheduler (docs/method.md#sampler) and SD's tokenizer files."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -375,7 +375,7 @@ def save_stable_diffusion(folder: Path, vae, text_encoder, unet, tokenizer, voca
 # Face chips and the attribute classifiers
 
 
-def world_face_chips(renders: world.Renders, size: int, expand_coef: float, seed: int, box_jitter: float = 0.5,
+def world_face_chips(renders: drawing.Renders, size: int, expand_coef: float, seed: int, box_jitter: float = 0.5,
                      batch_size: int = 1000) -> np.ndarray:
     """[N, size, size, 3] chips cut exactly as the pipeline cuts them (crops.square_boxes +
     crops.face_chips) around each render's true face box, moved by N(0, box_jitter) pixels per
@@ -475,7 +475,7 @@ ALIGNED_SIZE = 112
 
 
 class TorchSFNet(torch.nn.Module):
-    """opensphere's SFNet-20, "sfnet20_deprecated" variant (SPEC 1a: convs with bias, no
+    """opensphere's SFNet-20, "sfnet20_deprecated" variant (the paper's checkpoint: convs with bias, no
     normalisation, x + relu(conv2(relu(conv1(x)))) blocks, fc over the channel-major 7x7 map),
     with configurable stage widths. Module names are opensphere's (layer{s}.{b}.conv{1,2}, fc)."""
 
@@ -526,7 +526,7 @@ def save_sfnet(net: TorchSFNet, path: Path) -> Path:
     return path
 
 
-def aligned_world_faces(renders: world.Renders, batch_size: int = 1000) -> np.ndarray:
+def aligned_world_faces(renders: drawing.Renders, batch_size: int = 1000) -> np.ndarray:
     """[N, 112, 112, 3] faces aligned onto the ArcFace template from their true landmarks, by the
     pipeline's own functions (crops.similarity_transforms + crops.aligned_faces)."""
     import jax
@@ -542,7 +542,7 @@ def aligned_world_faces(renders: world.Renders, batch_size: int = 1000) -> np.nd
 
 @torch.no_grad()
 def sfnet_features(net: TorchSFNet, aligned: np.ndarray) -> torch.Tensor:
-    """normalize(f(x) + f(flip_lr(x))), the face-realism feature (SPEC 5 step 7), [N, SFNET_FEATURE_DIM]."""
+    """normalize(f(x) + f(flip_lr(x))), the face-realism feature (docs/method.md#the-loss), [N, SFNET_FEATURE_DIM]."""
     feats = []
     for start in range(0, len(aligned), 250):
         x = to_torch(aligned[start:start + 250])
@@ -550,7 +550,7 @@ def sfnet_features(net: TorchSFNet, aligned: np.ndarray) -> torch.Tensor:
     return torch.cat(feats)
 
 
-def balanced_face_renders(per_class: int, seed: int) -> world.Renders:
+def balanced_face_renders(per_class: int, seed: int) -> drawing.Renders:
     """per_class renders of each joint gender x race class (subjects at random, age free), like
     FairFace's balance: prompts with attribute words ("a photo of the face of a female asian chef")."""
     rng = np.random.default_rng(seed)
@@ -560,7 +560,7 @@ def balanced_face_renders(per_class: int, seed: int) -> world.Renders:
     return world.render_prompts(prompts, rng)
 
 
-def save_face_bank(path: Path, feats: torch.Tensor, renders: world.Renders, classifier, size_face: int,
+def save_face_bank(path: Path, feats: torch.Tensor, renders: drawing.Renders, classifier, size_face: int,
                    expand_coef: float, seed: int) -> Path:
     """The original's face_feats.pkl: (feats [M, D], genders [M], gender_logits [M, 2], races [M],
     race_logits [M, 4]) as torch tensors (floats in STORED_DTYPE); labels are the renders' truth,
@@ -674,7 +674,7 @@ def save_similarity_towers(out: Path, images: np.ndarray, steps: int, seed: int,
 
 
 def true_bias(prompt: str) -> dict:
-    """The world's own distribution for a prompt and its gaps (SPEC 6's bias, on probabilities)."""
+    """The world's own distribution for a prompt and its gaps (docs/method.md#metrics: bias, on probabilities)."""
     spec = world.parse_prompt(prompt)
     joint = world.joint_distribution(spec)
     return {
@@ -779,7 +779,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     began = now()
     _, held_out = world.dataset(2000, seed + 1001)
     held_out_decoded = decoded(vae, held_out)
-    faces = world.concatenate([renders, decoded(vae, first(renders, num_images // 2))])
+    faces = drawing.concatenate([renders, decoded(vae, first(renders, num_images // 2))])
     params = detector_lib.train_detector(detector_lib.with_backgrounds(faces, num_images // 4, seed + 1),
                                          detector_steps, seed=seed + 1, log=log)
     detector_lib.save_detector(params, world.IMAGE_SIZE, out / "face_detector.safetensors")
@@ -809,7 +809,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     def classifier_data(data_seed: int):
         """Chips (float16) and labels of fresh renders of the training mix, half of them VAE-decoded."""
         _, fresh = world.dataset(classifier_images, data_seed)
-        both = world.concatenate([fresh, decoded(vae, first(fresh, classifier_images // 2))])
+        both = drawing.concatenate([fresh, decoded(vae, first(fresh, classifier_images // 2))])
         chips = world_face_chips(both, SIZE_FACE, EXPAND_COEF, data_seed).astype(np.float16)
         return chips, {"gender": both.gender, "race": both.race, "age": both.age}
 
@@ -842,7 +842,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     bank_renders = balanced_face_renders(bank_per_class, seed + 9)
     feats = sfnet_features(sfnet, aligned_world_faces(bank_renders))
     save_face_bank(out / "face_feats.pkl", feats, bank_renders, classifier, SIZE_FACE, EXPAND_COEF, seed + 9)
-    tower_images = world.concatenate([first(renders, 6000), decoded(vae, first(renders, 2000))]).images
+    tower_images = drawing.concatenate([first(renders, 6000), decoded(vae, first(renders, 2000))]).images
     manifest["similarity_towers"] = save_similarity_towers(out, tower_images, similarity_steps, seed + 10, log,
                                                            held_out.images, held_out_decoded.images)
     log(f"similarity towers (mean cosine on held-out images): {manifest['similarity_towers']}")

@@ -168,12 +168,12 @@ def train_step(tiny: bool, dtype: str, attention_impl: str) -> dict:
     shapes = random_models.SHAPES["tiny" if tiny else "sd15"]
     models = random_models.random_models(shapes, jnp.dtype(dtype), attention_impl, remat=bool(config.model.remat))
     mesh = parallel.make_mesh(jax.devices()[:1])
-    stages, frozen, state = step_setup(config, *models, mesh)
+    stages, jitted_step, frozen, state = step_setup(config, *models, mesh)
     num_steps = t["denoising_steps"]
-    seconds, rows, prepared, state = time_jax_steps(stages, state, frozen, num_steps, t["timed_steps"])
+    seconds, rows, prepared, state = time_jax_steps(stages, jitted_step, state, frozen, num_steps, t["timed_steps"])
     memory_bytes, memory_source = peak_memory()
-    flops = step_flops(stages, state, frozen, prepared, num_steps)
-    gradient = stages.train_step.lower(state, stages.shared(frozen, prepared), prepared.inputs, jax.random.key(0)).compile()
+    flops = step_flops(stages, jitted_step, state, frozen, prepared, num_steps)
+    gradient = jitted_step.lower(state, prepared.constants, prepared.batch, jax.random.key(0)).compile()
     analysis = gradient.memory_analysis()
     analysed = None if analysis is None else int(
         analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
@@ -182,6 +182,7 @@ def train_step(tiny: bool, dtype: str, attention_impl: str) -> dict:
     times = dict(seconds, step=seconds["total"])
     return dict(
         info, **t, dtype=dtype, attention_impl=attention_impl, image_size=stages.sd.image_size, lora="text_encoder",
+        dft_gradient=config.train.dft_gradient,
         first_step_seconds=rows[0]["total"], step_seconds=seconds["total"], part_seconds=seconds,
         peak_memory_bytes=memory_bytes, peak_memory_source=memory_source, gradient_stage_memory_analysis_bytes=analysed,
         flops_per_step={part: list(bounds) for part, bounds in flops.items()},

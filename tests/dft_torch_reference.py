@@ -1,7 +1,7 @@
 """The original's adjusted direct finetuning in PyTorch, as its training script computes it.
 
 For the gradient tests and scripts/benchmark_dft.py. The prompt is tokenized without padding (L
-tokens), "" padded to L, both encoded with their attention masks (SPEC 1b); then, at every step, the
+tokens), "" padded to L, both encoded with their attention masks (docs/method.md#sampler); then, at every step, the
 UNet sees `latents.detach()` while DPMSolverMultistepScheduler.step (final_sigmas_type="sigma_min",
 the original's sampler) updates the undetached latents; a backward hook multiplies the gradient of
 the guided noise prediction by c_i; the VAE decode is differentiated and the images clamped.

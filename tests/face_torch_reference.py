@@ -1,13 +1,13 @@
 """The original's face-side PyTorch pieces, rebuilt for the face tests and scripts/torch_train_step.py.
 
-SFNet-20 (SPEC 1a), written from opensphere's backbone code and the checkpoint's facts, not from the Flax
+SFNet-20, written from opensphere's backbone code and the checkpoint's facts, not from the Flax
 model: four stages, each a 3x3 stride-2 entry conv (`layer{s}.0.conv1`, `conv` in older releases) + ReLU,
 then 1, 2, 4, 1 basic blocks; a channel-major flatten of the 7x7 map into `fc`. "sfnet20_deprecated" (the
 released checkpoint's): convs with bias, no normalisation, ReLU before the identity is added; "sfnet20":
 BatchNorm after every conv (no conv bias) and on the features, ReLU after the sum. The stage widths and the
 feature size are arguments (the original's: 64, 128, 256, 512 and 512).
 
-reference_face_chip: the original's crop_face (SPEC 5 step 3), one image at a time: slice the box, pad with
+reference_face_chip: the original's crop_face (docs/method.md#one-training-step), one image at a time: slice the box, pad with
 -1 where it leaves the image, bilinear resize as torchvision 0.16 did on tensors (no antialiasing).
 reference_square_box: the original's expand_bbox with target_ratio 1 (the square box that crop is cut from).
 """

@@ -11,6 +11,7 @@ import pytest
 
 from fairdiff_jax import attributes
 from fairdiff_jax.training import alignment as al
+from fairdiff_jax.training import ot_targets as targets_lib
 
 UNIFORM_8 = np.full(8, 1 / 8)
 
@@ -21,7 +22,7 @@ UNIFORM_8 = np.full(8, 1 / 8)
 
 
 def reference_targets(probs, face_found, counts, threshold, num_classes):
-    """SPEC 5 step 5 written plainly: explicit loops over images and joint classes, one ot.emd per
+    """The OT targets (docs/method.md#ot-targets) written plainly: explicit loops over images and joint classes, one ot.emd per
     sample, marginals by explicit index sums."""
     idx = [i for i in range(len(face_found)) if face_found[i]]
     shape = tuple(num_classes)
@@ -62,7 +63,7 @@ def random_probs(rng, n, num_classes):
 @pytest.mark.parametrize(
     "marginals",
     [
-        al.DEFAULT_TARGET_MARGINALS,  # gender x race (experiment 5)
+        targets_lib.DEFAULT_TARGET_MARGINALS,  # gender x race (experiment 5)
         (attributes.uniform("race"),),  # race only
         (attributes.uniform("gender"), attributes.uniform("race"), attributes.YOUNG_OLD_TARGET),  # 16 joint classes
     ],
@@ -80,7 +81,7 @@ def test_ot_targets_match_plain_pot_reference(marginals):
         joint = np.multiply.outer(joint, np.asarray(m))
     counts = np.random.default_rng(seed).multinomial(n, joint.reshape(-1), size=samples)
 
-    got = al.optimal_transport_targets(
+    got = targets_lib.optimal_transport_targets(
         probs, face_found, np.random.default_rng(seed), num_samples=samples, threshold=0.2,
         target_marginals=marginals,
     )
@@ -101,21 +102,21 @@ def test_ot_targets_match_plain_pot_reference(marginals):
 def test_target_count_sampler_matches_joint_distribution():
     # 16 classes of gender x race x age (P = 1/2 * 1/4 * {3/4, 1/4}); 4000 draws of 10 labels:
     # the mean count n * P_j has standard error sqrt(n P (1-P) / 4000) <= 0.02; allow 6 of those.
-    joint = al.joint_target_distribution((attributes.uniform("gender"), attributes.uniform("race"), attributes.YOUNG_OLD_TARGET))
+    joint = targets_lib.joint_target_distribution((attributes.uniform("gender"), attributes.uniform("race"), attributes.YOUNG_OLD_TARGET))
     assert joint[0] == 0.5 * 0.25 * 0.75 and joint[1] == 0.5 * 0.25 * 0.25  # j = 8g + 2r + a
-    counts = al.sample_target_counts(np.random.default_rng(1), 10, joint, 4000)
+    counts = targets_lib.sample_target_counts(np.random.default_rng(1), 10, joint, 4000)
     assert counts.shape == (4000, 16) and (counts.sum(1) == 10).all()
     np.testing.assert_allclose(counts.mean(0), 10 * joint, atol=6 * 0.02)
 
 
 def test_joint_class_order_and_cost():
-    onehots = al.joint_class_onehots([2, 4])
+    onehots = targets_lib.joint_class_onehots([2, 4])
     # j = 4 g + r: j = 6 is male (1), Indian (2).
     np.testing.assert_array_equal(onehots[0][6], [0, 1])
     np.testing.assert_array_equal(onehots[1][6], [0, 0, 1, 0])
     # p_gender = (0.25, 0.75), p_race = (0.1, 0.2, 0.3, 0.4):
     # C[0, 6] = sqrt(0.25^2 + 0.25^2 + 0.1^2 + 0.2^2 + 0.7^2 + 0.4^2) = sqrt(0.825).
-    cost = al.transport_cost([np.array([[0.25, 0.75]]), np.array([[0.1, 0.2, 0.3, 0.4]])])
+    cost = targets_lib.transport_cost([np.array([[0.25, 0.75]]), np.array([[0.1, 0.2, 0.3, 0.4]])])
     assert cost.shape == (1, 8)
     np.testing.assert_allclose(cost[0, 6], math.sqrt(0.825), rtol=1e-12)
 
@@ -132,7 +133,7 @@ def test_one_hot_images_of_distinct_classes_keep_their_classes():
     probs_race = np.eye(4)[np.arange(8) % 4]
     samples, seed = 2000, 7
     counts = np.random.default_rng(seed).multinomial(8, UNIFORM_8, size=samples)
-    got = al.optimal_transport_targets(
+    got = targets_lib.optimal_transport_targets(
         [probs_gender, probs_race], np.ones(8, bool), seed, num_samples=samples, threshold=1.0
     )
     stay = (counts >= 1).mean(axis=0)
@@ -150,14 +151,14 @@ def test_one_hot_classes_with_several_images_keep_class_mass():
     classes = np.repeat(np.arange(8), k)
     probs = [np.eye(2)[classes // 4], np.eye(4)[classes % 4]]
     counts = np.random.default_rng(seed).multinomial(8 * k, UNIFORM_8, size=samples)
-    got = al.optimal_transport_targets(probs, np.ones(8 * k, bool), seed, num_samples=samples)
+    got = targets_lib.optimal_transport_targets(probs, np.ones(8 * k, bool), seed, num_samples=samples)
     own = got.joint_probs[np.arange(8 * k), classes].reshape(8, k).mean(1)
     np.testing.assert_allclose(own, np.minimum(k, counts).mean(0) / k, atol=1e-12)
 
 
 def test_no_faces_at_all():
     probs = [np.full((5, 2), -1.0), np.full((5, 4), -1.0)]
-    got = al.optimal_transport_targets(probs, np.zeros(5, bool), 0)
+    got = targets_lib.optimal_transport_targets(probs, np.zeros(5, bool), 0)
     for a in range(2):
         np.testing.assert_array_equal(got.targets[a], -1)
         np.testing.assert_array_equal(got.uncertainties[a], -1.0)
@@ -170,7 +171,7 @@ def test_every_target_uncertain():
     # S = 400 both maxima are far below 0.8 (6+ standard errors), so both uncertainties > 0.2.
     samples, seed = 400, 3
     probs = [np.array([[0.9, 0.1], [-1, -1]]), np.array([[0.7, 0.1, 0.1, 0.1], [-1, -1, -1, -1]])]
-    got = al.optimal_transport_targets(probs, np.array([True, False]), seed, num_samples=samples)
+    got = targets_lib.optimal_transport_targets(probs, np.array([True, False]), seed, num_samples=samples)
     counts = np.random.default_rng(seed).multinomial(1, UNIFORM_8, size=samples)
     np.testing.assert_allclose(got.joint_probs[0], counts.mean(0), atol=1e-12)
     gender_max = counts.mean(0).reshape(2, 4).sum(1).max()
@@ -183,11 +184,11 @@ def test_every_target_uncertain():
 def test_bad_arguments_raise():
     probs = [np.full((3, 2), 0.5), np.full((3, 4), 0.25)]
     with pytest.raises(ValueError, match="attributes"):
-        al.optimal_transport_targets(probs[:1], np.ones(3, bool), 0)
+        targets_lib.optimal_transport_targets(probs[:1], np.ones(3, bool), 0)
     with pytest.raises(ValueError, match=r"probs_per_attribute\[1\]"):
-        al.optimal_transport_targets([probs[0], probs[1][:, :3]], np.ones(3, bool), 0)
+        targets_lib.optimal_transport_targets([probs[0], probs[1][:, :3]], np.ones(3, bool), 0)
     with pytest.raises(ValueError, match="not a distribution"):
-        al.joint_target_distribution([(0.5, 0.6)])
+        targets_lib.joint_target_distribution([(0.5, 0.6)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +322,11 @@ def test_alignment_loss_hand_checked():
     face_feats = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]])
     face_targets = jnp.array([[0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     weights = jnp.array([1.0, 0.6, 0.2])
-    per_image, logs = al.alignment_loss(
+    per_image, terms = al.alignment_loss(
         (logits_gender, logits_race), targets, face, clip, clip_ori, dino, dino_ori,
         face_feats, face_targets, weights, weight_loss_img=8.0, weight_loss_face=0.1,
     )
+    logs = al.term_means(terms)
     # Image 0: CE_g = ln(4/3); CE_r = ln 4 (uniform over 4); CLIP 1 - 0.6 = 0.4; DINO 0;
     #          face 1 - 0.8 = 0.2 -> ln(4/3) + ln 4 + 8 * 1 * 0.4 + 0.1 * 0.2.
     # Image 1: CE_g absent; CE_r: probs (1, 2, 1, 1)/5 -> ln(5/2); CLIP 0; DINO 1;
@@ -342,7 +344,7 @@ def test_alignment_loss_hand_checked():
     )
     np.testing.assert_allclose(jitted, expected, rtol=1e-6)
     np.testing.assert_allclose(logs["loss_fair_gender"], math.log(4 / 3), rtol=1e-6)
-    assert int(logs["loss_fair_gender/count"]) == 1
+    assert int(terms["loss_fair_gender"][1].sum()) == 1
     np.testing.assert_allclose(logs["loss_fair_race"], (math.log(4) + math.log(2.5)) / 2, rtol=1e-6)
     np.testing.assert_allclose(logs["loss_CLIP"], (0.4 + 0 + 2) / 3, rtol=1e-6)
     np.testing.assert_allclose(logs["loss_DINO"], 1 / 3, rtol=1e-6)
@@ -365,9 +367,9 @@ def test_alignment_loss_hand_checked():
 
     # Merging two micro-batches weights each mean by its count: a second batch with one
     # gender term of value 2 -> (ln(4/3) * 1 + 2 * 1) / 2.
-    other = {k: v for k, v in logs.items()}
-    other["loss_fair_gender"], other["loss_fair_gender/count"] = 2.0, 1
-    merged = al.merge_logged_means([logs, other])
+    other = dict(terms, loss_fair_gender=(jnp.array([2.0, 0.0, 0.0]), jnp.array([True, False, False])))
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), terms, other)
+    merged = al.term_means(both)
     np.testing.assert_allclose(merged["loss_fair_gender"], (math.log(4 / 3) + 2) / 2, rtol=1e-6)
-    empty = {k: (0 if k.endswith("/count") else 0.0) for k in logs}
-    assert "loss_face" not in al.merge_logged_means([empty])
+    empty = jax.tree.map(jnp.zeros_like, terms)
+    assert "loss_face" not in al.term_means(empty)

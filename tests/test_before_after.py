@@ -13,8 +13,6 @@ import pytest
 from PIL import Image
 
 from fairdiff_jax.eval import before_after, tables
-from fairdiff_jax.judging import tiny
-from fairdiff_jax.miniature import world
 from fairdiff_jax.sd import lora
 from fairdiff_jax.sd.loader import load_stable_diffusion
 from fairdiff_jax.training import step as debias_step
@@ -34,26 +32,19 @@ def test_gap_reduction_is_one_minus_after_over_before():
     assert "| prompts | gender bias | race bias |\n" in table and "| all | 75% | -25% |\n" in table
 
 
-@pytest.fixture(scope="module")
-def scene_classifier(tmp_path_factory):
-    """A random stand-in for the miniature world's scene classifier (until assets/miniature holds the trained one)."""
-    heads = [("subject", list(world.SUBJECTS)), ("style", list(world.STYLES)), ("context", list(world.CONTEXTS))]
-    return tiny.build_scene_classifier(tmp_path_factory.mktemp("scene") / "scene_classifier.pt", 0, heads)
-
-
-def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys, scene_classifier):
+def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys):
     sd = load_stable_diffusion(MINIATURE / "sd")
     zero = debias_step.init_lora(jax.random.key(0), sd, 2, True, False)["text_encoder"]  # up = 0: no change
     lora.save_original(zero, tmp_path / "text_encoder_lora.pth", "text_encoder")
     out = tmp_path / "out"
-    reductions = before_after.main([
+    argv = [
         "--config", str(ROOT / "configs" / "miniature.py"), "--out", str(out),
         "--text_encoder_lora", str(tmp_path / "text_encoder_lora.pth"),
         "--images_per_prompt", "4", "--prompts_per_kind", "1", "--kinds", "occupation", "sports",
         "--config.generate.num_denoising_steps=4", "--config.generate.batch_size=4",
-        f"--config.assets_dir={MINIATURE}", f"--config.eval.scene_classifier_path={scene_classifier}",
-        "--config.eval.fidelity_features=scene_classifier", "--config.eval.consistency=scene_classifier",
-    ])
+        f"--config.assets_dir={MINIATURE}",  # its evaluation judges: eval_detector.safetensors, scene_classifier.pt
+    ]
+    reductions = before_after.main(argv)
     for model in before_after.MODELS:
         for kind in ("occupation", "sports"):
             assert len(list((out / model / kind / "prompt_0").glob("img_*.jpg"))) == 4
@@ -78,6 +69,16 @@ def test_a_lora_that_changes_nothing_leaves_the_table_unchanged(tmp_path, capsys
         assert grid.shape == (16 + 64, 2 * 4 * 64 + 12, 3)
         np.testing.assert_array_equal(grid[16:, : 4 * 64], grid[16:, 4 * 64 + 12:])
 
+    # A retrained LoRA (another file content) must not be judged by the old LoRA's images: refused before sampling.
+    retrained = jax.tree.map(lambda x: x + 0.01, zero)
+    lora.save_original(retrained, tmp_path / "text_encoder_lora.pth", "text_encoder")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        before_after.main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{out / 'debiased' / 'occupation'} holds images made otherwise (lora_sha256" in message
+
 
 def test_missing_lora_and_bad_values_are_refused_before_loading(tmp_path, capsys):
     config = str(ROOT / "configs" / "miniature.py")
@@ -88,3 +89,10 @@ def test_missing_lora_and_bad_values_are_refused_before_loading(tmp_path, capsys
         before_after.main(["--config", config, "--out", str(tmp_path), "--text_encoder_lora", str(tmp_path / "none.pth"),
                            "--config.no_such_key=1"])
     assert "no_such_key" in capsys.readouterr().err
+    for bad, named in ((["--prompts_per_kind", "-1"], "--prompts_per_kind must be >= 1, got -1"),
+                       (["--images_per_prompt", "0"], "--images_per_prompt must be >= 1, got 0"),
+                       (["--config.generate.batch_size=0"], "config.generate.batch_size must be an integer >= 1")):
+        with pytest.raises(SystemExit):
+            before_after.main(["--config", config, "--out", str(tmp_path), "--text_encoder_lora",
+                               str(tmp_path / "none.pth"), *bad])
+        assert named in capsys.readouterr().err

@@ -1,7 +1,11 @@
 """Orbax checkpoints: round trip of the whole TrainState and data position, exact resumption, retention."""
 
+import resource
+import signal
+
 import jax
 import numpy as np
+import pytest
 
 from fairdiff_jax.training import checkpoints, optim, parallel
 
@@ -109,3 +113,71 @@ def test_async_save_is_complete_after_close(tmp_path):
     checkpointer.close()
     assert checkpoints.Checkpointer(tmp_path).all_steps() == [2]
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def _damage(step_dir, how):
+    if how == "deleted manifest":
+        (step_dir / "state" / "manifest.ocdbt").unlink()
+    elif how == "corrupt state data":
+        for data_file in (step_dir / "state").rglob("d/*"):
+            raw = bytearray(data_file.read_bytes())
+            raw[len(raw) // 2:] = bytes(len(raw) - len(raw) // 2)
+            data_file.write_bytes(bytes(raw))
+    elif how == "truncated position":
+        path = step_dir / "data" / "metadata"
+        path.write_text(path.read_text()[:3])
+
+
+@pytest.mark.parametrize("how", ["deleted manifest", "corrupt state data", "truncated position"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys, how):
+    mesh = parallel.make_mesh()
+    states = {}
+    with checkpoints.Checkpointer(tmp_path / "ck", every_steps=2) as checkpointer:
+        state = _fresh_state(mesh)
+        for step in (2, 4):
+            state = _run(state, 2)
+            states[step] = state
+            checkpointer.save(state, {"step": step})
+    _damage(tmp_path / "ck" / "4", how)
+    with checkpoints.Checkpointer(tmp_path / "ck", every_steps=2) as checkpointer:
+        step, restored, position = checkpointer.restore_newest_intact(checkpoints.abstract_like(_fresh_state(mesh)))
+        assert (step, position) == (2, {"step": 2})
+        _assert_states_equal(restored, states[2])
+        assert checkpointer.all_steps() == [2]
+        assert checkpointer.save(_run(restored, 2), {"step": 4})  # step 4 can be saved again
+    err = capsys.readouterr().err
+    assert "warning: checkpoint 4 in" in err and "cannot be read" in err
+    assert (tmp_path / "ck_damaged" / "4").is_dir()
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each_cause(tmp_path):
+    mesh = parallel.make_mesh()
+    with checkpoints.Checkpointer(tmp_path / "ck", every_steps=2) as checkpointer:
+        checkpointer.save(_run(_fresh_state(mesh), 2), {})
+    _damage(tmp_path / "ck" / "2", "deleted manifest")
+    with checkpoints.Checkpointer(tmp_path / "ck", every_steps=2) as checkpointer:
+        with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint .* can be restored \(step 2: "):
+            checkpointer.restore_newest_intact(checkpoints.abstract_like(_fresh_state(mesh)))
+    assert (tmp_path / "ck" / "2").is_dir()  # nothing moved
+
+
+def test_a_failed_background_save_stops_the_run_with_its_cause(tmp_path):
+    # A file-size limit makes the checkpoint's data file fail to write (EFBIG), as a full disk does (ENOSPC).
+    mesh = parallel.make_mesh()
+    lora = {"unet": {"l": {"q": {"down": np.random.RandomState(0).randn(512, 512).astype(np.float32),
+                                 "up": np.zeros((2, 512), np.float32)}}}}
+    state = parallel.replicate(optim.create_train_state(lora, optim.make_optimizer(1e-2), 0.996, seed=1), mesh)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    checkpointer = checkpoints.Checkpointer(tmp_path / "ck", every_steps=1)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(checkpoints.CheckpointError, match=r"failed: .*File too large") as error:
+            with checkpointer:
+                for _ in range(3):
+                    state = state.replace(step=state.step + 1)
+                    checkpointer.save(state, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert str(error.value).count("\n") == 0

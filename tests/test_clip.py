@@ -1,7 +1,7 @@
 """CLIP towers against transformers' PyTorch models (random weights, float32).
 
 Text: last_hidden_state of CLIPTextModel for a batch mixing an unpadded prompt and a right-padded one with
-its attention mask (SPEC 1b), for both activations and both key layouts (transformers 4.x `text_model.`
+its attention mask (docs/method.md#sampler), for both activations and both key layouts (transformers 4.x `text_model.`
 prefix and 5.x without). Vision: image_embeds of CLIPVisionModelWithProjection and of a CLIPModel's
 vision half; the loss feature function (resize, normalise, tower, L2-normalise) and its gradient against the
 same pipeline written with torchvision/PyTorch. Loader errors name the folder, file, key or value.

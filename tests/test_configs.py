@@ -1,4 +1,4 @@
-"""Experiment configs load with SPEC 3's values; --config.<key> overrides parse and unknown keys fail
+"""Experiment configs load with experiment 5's values (docs/method.md#hyper-parameters-experiment-5); --config.<key> overrides parse and unknown keys fail
 by name; the TPU VM launch script parses and builds the commands it should."""
 
 import os

@@ -1,8 +1,8 @@
 """Evaluation that a destroyed image cannot pass, in the miniature world (configs/miniature.py's evaluator).
 
 - Every ruin of eval/ruins.py applied to world renders of a prompt ranks below the renders themselves on each
-  new metric: fidelity precision, prompt consistency and face share (margins below). Needs the miniature world's
-  evaluation judges (assets/miniature/scene_classifier.pt + .json, eval_detector.safetensors).
+  new metric: fidelity precision, prompt consistency and face share (margins below), as judged by the miniature
+  world's evaluation judges (assets/miniature/scene_classifier.pt + .json, eval_detector.safetensors).
 - A set of NaN or black images is reported as degenerate with no face and no bias, never as a plausible row,
   even with a detector that boxes black images (the training detector does).
 - The reference set is balanced over gender x race and shows the prompt's scene.
@@ -26,9 +26,7 @@ PROMPTS = ("a photo of the face of a judge, a person", "a watercolor painting of
 NUM_IMAGES = 32
 # Drops a ruin must cause (real minus ruined, absolute): a destroyed image set must lose at least this much.
 MARGINS = {"fidelity_precision": 0.5, "consistency": 0.3, "face_share": 0.5}
-EVAL_JUDGES = (MINIATURE / "scene_classifier.pt", MINIATURE / "eval_detector.safetensors")
 SCENE_JUDGE = ("--config.eval.fidelity_features=scene_classifier", "--config.eval.consistency=scene_classifier")
-EVAL_JUDGE_OVERRIDES = (*SCENE_JUDGE, f"--config.eval.detector_path={EVAL_JUDGES[1]}")
 
 
 def miniature_config(*overrides):
@@ -42,10 +40,8 @@ def measure(evaluator, images, prompt, reference_features):
     return prompt_metrics(result, reference_features, evaluator.fidelity_k)
 
 
-@pytest.mark.skipif(not all(p.is_file() for p in EVAL_JUDGES),
-                    reason="the miniature world's evaluation judges are not committed yet (scene_classifier.pt, eval_detector.safetensors)")
 def test_every_ruin_ranks_below_the_real_renders():
-    config = miniature_config(*EVAL_JUDGE_OVERRIDES)
+    config = miniature_config()  # its evaluation judges: eval_detector.safetensors, scene_classifier.pt
     from_config.check_eval_assets(config)
     evaluator = from_config.load_evaluator(config)
     drops = {}

@@ -446,3 +446,19 @@ def test_metric_flags_need_their_networks(good_args, capsys, extra, expected):
     with pytest.raises(SystemExit):
         cli.main(args + extra)
     assert expected in capsys.readouterr().err
+
+
+def test_an_unreadable_image_is_skipped_named_and_counted(tmp_path, classifiers, capsys):
+    images = write_images(tmp_path / "images")
+    truncated = images / "prompt_0" / "img_1.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])  # a generation killed while writing, a bad copy
+    (images / "prompt_1" / "img_2.jpg").write_bytes(b"")  # an empty file
+    evaluation = ev.evaluate(images, tmp_path / "out", bright_evaluator(classifiers), batch_size=2, progress=False)
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image {truncated}" in err and "prompt_1/img_2.jpg" in err
+    assert evaluation.results[0].image_names == ("img_0.jpg", "img_2.jpg")
+    assert evaluation.results[0].unreadable == ("img_1.jpg",)
+    assert [(r["num_images"], r["num_unreadable"]) for r in evaluation.per_prompt] == [(2, 1), (2, 1)]
+    assert evaluation.results[0].found.tolist() == [True, False]  # the readable images keep their own results
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "2 image files could not be read and were skipped" in summary and "2 (+1 unreadable)" in summary

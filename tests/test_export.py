@@ -1,6 +1,7 @@
 """`python -m fairdiff_jax.export`: a training checkpoint -> the original's .pth files and PEFT safetensors,
 plain and EMA, only for the trained parts; a missing step fails with the available steps listed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -93,3 +94,50 @@ def test_without_step_the_newest_checkpoint_is_exported(tmp_path, tiny_sd, capsy
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, step_4)
     assert export.main(["--workdir", str(tmp_path / "empty")]) == 2
     assert "no finished checkpoint" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_an_error_naming_it(tmp_path, tiny_sd):
+    save_run(tmp_path, tiny_sd, True, False)
+    (tmp_path / "checkpoints" / "4" / "state" / "manifest.ocdbt").unlink()
+    with pytest.raises(export.ExportError, match=r"checkpoint 4 in .* cannot be read \(.*\); other steps: 2"):
+        export.export(tmp_path, 4)
+    assert not (tmp_path / "checkpoint-4_exported").exists()
+
+
+def test_a_nan_lora_is_not_exported(tmp_path, tiny_sd):
+    params = debias_step.init_lora(jax.random.key(0), tiny_sd, 3, True, False)
+    params = jax.tree.map(lambda x: x * np.nan, params)  # the 'up' zeros too: NaN * 0 is NaN
+    state = optim.create_train_state(params, optim.make_optimizer(learning_rate=1e-2), 0.996, 0)
+    with checkpoints.Checkpointer(tmp_path / "checkpoints", every_steps=1) as checkpointer:
+        checkpointer.save(state, {}, force=True)
+    with pytest.raises(export.ExportError, match=r"checkpoint 0 .*: \d+ of \d+ LoRA values are not finite"):
+        export.export(tmp_path, 0)
+
+
+def test_export_replaces_the_folder_whole_or_not_at_all(tmp_path, tiny_sd, monkeypatch):
+    save_run(tmp_path, tiny_sd, True, True)
+    out = export.export(tmp_path, 2, tmp_path / "out")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora, "save_diffusers", fails)  # the .pth files are written, then the safetensors fail
+    with pytest.raises(OSError, match="No space left"):
+        export.export(tmp_path, 4, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "out"]  # no temporary folder left
+
+    monkeypatch.undo()
+    export.export(tmp_path, 4, out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in after)
+
+
+def test_the_same_weights_give_the_same_bytes(tmp_path, tiny_sd):
+    save_run(tmp_path, tiny_sd, True, True)
+    files = [export.export(tmp_path, 4, tmp_path / f"out{i}") / "pytorch_lora_weights.safetensors" for i in range(4)]
+    assert len({f.read_bytes() for f in files}) == 1
+    header = files[0].read_bytes()[8 : 8 + int.from_bytes(files[0].read_bytes()[:8], "little")]
+    keys = list(json.loads(header))
+    assert keys == sorted(keys)

@@ -84,3 +84,34 @@ def test_bad_pickles_are_named(tmp_path, content, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FaceBankError, match=r"not found: .*nowhere\.pkl"):
         load_face_bank(tmp_path / "nowhere.pkl")
+
+
+class _RunsACommand:
+    """What a crafted pickle does: name a function (here os.system) to call while loading."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("wrap", [lambda evil, arrays: evil, lambda evil, arrays: (evil,) + tuple(arrays[1:]),
+                                  lambda evil, arrays: {"feats": arrays[0], "extra": evil}])
+def test_a_pickle_that_runs_code_is_refused_before_it_runs(tmp_path, wrap):
+    marker = tmp_path / "pwned"
+    path = _write(tmp_path / "evil.pkl", wrap(_RunsACommand(marker), _bank_arrays()))
+    with pytest.raises(FaceBankError, match=r"evil.pkl.*refused to load posix.system"):
+        load_face_bank(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_numpy_and_torch_banks_of_every_protocol_still_load(tmp_path, protocol):
+    arrays = _bank_arrays(m=7, d=16, seed=4)
+    want = arrays[0] / np.linalg.norm(arrays[0], axis=1, keepdims=True)
+    for name, content in (("np", arrays), ("torch", tuple(torch.from_numpy(np.asarray(a)) for a in arrays))):
+        with open(tmp_path / f"{name}.pkl", "wb") as f:
+            pickle.dump(content, f, protocol=protocol)
+        np.testing.assert_allclose(np.asarray(load_face_bank(tmp_path / f"{name}.pkl")), want, atol=1e-6, rtol=0)

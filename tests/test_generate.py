@@ -41,7 +41,7 @@ def _run(model, prompt_file, save_dir, num, batch, extra=()):
 
 
 def _mtimes(save_dir):
-    return {p.relative_to(save_dir).as_posix(): p.stat().st_mtime_ns for p in save_dir.rglob("*") if p.is_file()}
+    return {p.relative_to(save_dir).as_posix(): p.stat().st_mtime_ns for p in save_dir.rglob("*.jpg")}
 
 
 def _pixels(path):
@@ -174,3 +174,32 @@ def test_lora_files(model, prompt_file, tmp_path, capsys):
     message = _error([*base, "--unet_lora", str(tmp_path / "lora.safetensors")], capsys)
     assert "lora.safetensors" in message and ".pth" in message
     assert not (tmp_path / "bad").exists()
+
+
+def test_images_of_another_lora_are_refused_not_reused(model, prompt_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    _run(model, prompt_file, out, num=1, batch=1)
+    base = _pixels(out / "prompt_0/img_0.jpg")
+    trained = _lora_files(model, tmp_path / "trained", up_std=0.1)
+    with_lora = ["--unet_lora", str(trained["unet"])]
+    capsys.readouterr()
+    message = _error(["--model", str(model), "--prompts", str(prompt_file), "--save_dir", str(out),
+                      "--num_imgs_per_prompt", "1", "--batch_size", "1", *FAST, *with_lora], capsys)
+    assert "holds images made otherwise" in message and "lora_sha256" in message and "--overwrite" in message
+    np.testing.assert_array_equal(_pixels(out / "prompt_0/img_0.jpg"), base)  # untouched
+
+    _run(model, prompt_file, out, num=1, batch=1, extra=[*with_lora, "--overwrite"])
+    assert np.abs(_pixels(out / "prompt_0/img_0.jpg") - base).mean() > 1  # regenerated with the LoRA
+    _run(model, prompt_file, out, num=1, batch=1, extra=with_lora)  # same LoRA again: reused
+    assert "0 images generated, 2 already there" in capsys.readouterr().err
+
+
+def test_nan_lora_stops_generation_with_a_message(model, prompt_file, tmp_path, capsys):
+    nan = _lora_files(model, tmp_path / "nan", up_std=float("nan"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        _run(model, prompt_file, out, num=1, batch=1, extra=["--unet_lora", str(nan["unet"])])
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of 1 images not finite (img_0.jpg)" in message and "prompt_0" in message
+    assert not list(out.rglob("*.jpg"))

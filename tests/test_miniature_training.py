@@ -18,6 +18,7 @@ from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
 from fairdiff_jax.training.loop import load_models
+from fairdiff_jax.training.stages import Stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the face of a doctor, a person"
@@ -36,7 +37,7 @@ def world():
     ])
     sd, judges, judge_variables = load_models(config)
     mesh = parallel.make_mesh()
-    stages = debias_step.Stages(sd, judges, debias_step.settings_from_config(config), mesh, judges_lib.make_detector(config))
+    stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     return config, sd, stages, frozen, mesh
 
@@ -48,20 +49,21 @@ def joint_gap(stages, prepared) -> float:
 def test_a_few_steps_lower_the_training_batch_gap(world):
     config, sd, stages, frozen, mesh = world
     o = config.optim
+    train_step = debias_step.make_train_step(stages)
     before, after = [], []
     for seed in SEEDS:
         lora = debias_step.init_lora(jax.random.key(seed), sd, config.lora.rank, True, False)
         tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
         state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, seed), mesh)
         first_key = debias_step.step_key(state.rng, 0)
-        prepared = stages.prepare(state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)
+        prepared = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)
         before.append(joint_gap(stages, prepared))
         for step in range(STEPS):
             key = debias_step.step_key(state.rng, step)
-            prepared = stages.prepare(state.params, frozen, PROMPT, DENOISING_STEPS, step, key)
-            state, logs = stages.train_step(state, stages.shared(frozen, prepared), prepared.inputs, key)
+            prepared = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, step, key)
+            state, logs = train_step(state, prepared.constants, prepared.batch, key)
             assert int(logs["skipped"]) == 0
-        again = stages.prepare(state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)
+        again = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)
         after.append(joint_gap(stages, again))
     print(f"gender x race gap before {before}, after {STEPS} steps {after}")
     assert min(before) > 0.2, "the original miniature model should be strongly biased on this prompt"

@@ -1,5 +1,5 @@
 """The miniature world: determinism, exact geometry, visible attributes, the configured biases, and
-its prompt files (SPEC 4 schema, every prompt readable by the world)."""
+its prompt files (docs/method.md#prompts schema, every prompt readable by the world)."""
 
 import json
 from pathlib import Path
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from fairdiff_jax import prompts
-from fairdiff_jax.miniature import world
+from fairdiff_jax.miniature import drawing, world
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "assets" / "miniature" / "prompts"  # written by build_miniature
 PHOTO = "a photo of the face of a {}, a person"
 
 
-def _cheek_crown_and_beside(r: world.Renders):
+def _cheek_crown_and_beside(r: drawing.Renders):
     """Per image, colours [N, 3] in [0, 1] read at the nearest pixel: the cheeks (mean of both), the
     crown of the head, and beside the face at mouth height (where long hair falls). The face frame
-    is recovered from the landmarks (world.LANDMARK_TEMPLATE)."""
+    is recovered from the landmarks (drawing.LANDMARK_TEMPLATE)."""
     n = len(r.images)
     pixels = (r.images + 1) / 2
     eyes, mouth = r.landmarks[:, :2], r.landmarks[:, 3:]
@@ -42,7 +42,7 @@ def test_deterministic_by_seed():
     prompts_b, b = world.dataset(48, seed=3)
     _, c = world.dataset(48, seed=4)
     assert prompts_a == prompts_b
-    for field in world.Renders.__dataclass_fields__:
+    for field in drawing.Renders.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert not np.array_equal(a.images, c.images)
     # The chunking of the drawing changes nothing.

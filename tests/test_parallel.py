@@ -158,7 +158,7 @@ def _two_device_checks():
         _assert_trees_close((losses, aux), (ref_losses, ref_aux))
         assert losses.sharding.spec == P("data") and grads["w"].sharding.is_fully_replicated
 
-    # The trap this module avoids (JAX-NOTES): per-device grad w.r.t. the replicated params is already
+    # The trap this module avoids: per-device grad w.r.t. the replicated params is already
     # summed over devices, so a following pmean leaves 2x the true gradient.
     def naive(p, s, b):
         grads = jax.grad(lambda q: jnp.mean(_loss_fn(q, s, b, None)[0]))(p)

@@ -1,4 +1,4 @@
-"""SFNet-20 in Flax vs the PyTorch SFNet-20 of tests/face_torch_reference.py (SPEC 1a, opensphere's backbone).
+"""SFNet-20 in Flax vs the PyTorch SFNet-20 of tests/face_torch_reference.py (opensphere's backbone).
 
 The reference is built from the facts (layer widths, block counts, conv/bias/BN placement, ReLU
 positions, channel-major flatten, DataParallel key prefix), not from the Flax code under test.

@@ -107,3 +107,43 @@ def test_the_comparison_sees_a_wrong_gradient_scale(setup):
     (stored_unet, _), _ = setup.stored(setup.unet_lora, setup.text_lora, setup.scales[::-1])
     (rerun_unet, _), _ = setup.rerun(setup.unet_lora, setup.text_lora)
     assert _relative_error(stored_unet, rerun_unet) > 100 * GRAD_RTOL
+
+
+@pytest.mark.slow  # two gradient-stage compilations: ~5-10 min on a busy 2-core CPU
+def test_training_step_gradients_equal_on_both_paths(tmp_path):
+    """The whole loss of a training step (tiny config: both LoRAs, micro-batches) differentiated from the stored
+    trajectory equals its differentiation through the re-run chain, within the same tolerance."""
+    import functools
+    from pathlib import Path
+
+    from fairdiff_jax import config_cli
+    from fairdiff_jax.judging import judges as judges_lib
+    from fairdiff_jax.judging.tiny import build_tiny_assets
+    from fairdiff_jax.training import parallel
+    from fairdiff_jax.training import step as debias_step
+    from fairdiff_jax.training.loop import load_models
+    from fairdiff_jax.training.stages import Stages
+
+    root = Path(__file__).resolve().parents[1]
+    assets = build_tiny_assets(tmp_path / "assets")
+    grads = {}
+    for path in ("stored_trajectory", "rerun"):
+        config = config_cli.load_config(str(root / "configs" / "tiny.py"), [f"assets_dir={assets}", f"train.dft_gradient={path}"])
+        sd, judges, judge_variables = load_models(config)
+        mesh = parallel.make_mesh(jax.devices()[:1])
+        stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
+        frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
+        lora_tree = {"unet": _trained_lora(sd.unet_params, "unet", 1), "text_encoder": _trained_lora(sd.text_encoder_params, "text_encoder", 2)}
+        lora_tree = parallel.replicate(lora_tree, mesh)
+        prepared = debias_step.prepare(stages, lora_tree, frozen, PROMPT, config.train.max_denoising_steps, 0, jax.random.key(7))
+        assert (prepared.batch.trajectory is not None) == (path == "stored_trajectory")
+        loss_fn = functools.partial(debias_step.debias_loss, sd=sd, judges=judges, config=config)
+        grad_fn = jax.jit(parallel.make_grad_fn(loss_fn, mesh, config.train.micro_batch_size))
+        grads[path], losses, _ = grad_fn(lora_tree, prepared.constants, prepared.batch, jax.random.key(0))
+        assert np.isfinite(np.asarray(losses)).all()
+    for part in ("unet", "text_encoder"):
+        rerun = grads["rerun"][part]
+        assert np.linalg.norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(rerun)])) > 0
+        error = _relative_error(grads["stored_trajectory"][part], rerun)
+        print(f"training step, {part} LoRA gradient relative error {error:.2e}")
+        assert error < GRAD_RTOL, (part, error)

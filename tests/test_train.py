@@ -42,8 +42,8 @@ def compile_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 
 
-def run(args, compile_cache, devices=2, log_compiles=False, timeout=900):
-    env = dict(os.environ)
+def run(args, compile_cache, devices=2, log_compiles=False, timeout=900, env=None):
+    env = {**os.environ, **(env or {})}
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -167,6 +167,9 @@ def _bad_prompts_dir(tmp_path):
         ("--config.model.classifier_path=/nonexistent/classifier.pt", ["config.model.classifier_path", "/nonexistent/classifier.pt"]),
         ("--config.model.face_bank_path=/nonexistent/face_feats.pkl", ["config.model.face_bank_path", "/nonexistent/face_feats.pkl"]),
         ("PROMPTS", ["sports.json", "val_prompts"]),
+        ("--config.train.micro_batch_size=0", ["config.train.micro_batch_size must be an integer >= 1, got 0"]),
+        ("--config.optim.learning_rate=nan", ["config.optim.learning_rate", "got nan"]),
+        ("--config.train.max_steps=0", ["config.train.max_steps"]),
     ],
 )
 def test_bad_inputs_fail_by_name_before_compiling(tmp_path, assets, compile_cache, override, expected):
@@ -185,19 +188,20 @@ SAME_IMAGES_SCRIPT = """
 import sys, numpy as np
 from fairdiff_jax import config_cli
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.training import parallel
 from fairdiff_jax.training import loop as train
 config = config_cli.load_config("configs/tiny.py", ["assets_dir=" + sys.argv[1]])
 sd, judges, judge_variables = train.load_models(config)
 mesh = parallel.make_mesh()
-stages = debias_step.Stages(sd, judges, debias_step.settings_from_config(config), mesh, judges_lib.make_detector(config))
+stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
 frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
 import jax
 lora = parallel.replicate(debias_step.init_lora(jax.random.key(3), sd, 4, True, True), mesh)
 # A LoRA that changes the images: non-zero 'up' factors.
 lora = jax.tree.map(lambda x: x + 0.05, lora)
-prepared = stages.prepare(lora, frozen, "a photo of the face of a doctor", 2, 7, jax.random.key(5))
+prepared = debias_step.prepare(stages, lora, frozen, "a photo of the face of a doctor", 2, 7, jax.random.key(5))
 np.savez(sys.argv[2], images=prepared.images, original=prepared.original_images, probs=prepared.probs[0],
          joint=prepared.targets.joint_probs)
 """
@@ -217,6 +221,62 @@ def test_generation_stage_images_equal_on_1_and_2_devices(tmp_path, assets, comp
     for key in ("images", "original", "probs"):
         np.testing.assert_allclose(one[key], two[key], rtol=0, atol=1e-5, err_msg=key)
     np.testing.assert_allclose(one["joint"], two["joint"], rtol=0, atol=1e-6)
+
+
+def _nan_unet_assets(assets, folder):
+    """A copy of the tiny assets whose UNet weights are all NaN (a broken download, a diverged fine-tune)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(assets, folder)
+    for path in (folder / "sd" / "unet").glob("*.safetensors"):
+        save_file({k: np.full_like(v, np.nan) for k, v in load_file(str(path)).items()}, str(path))
+    return folder
+
+
+@pytest.mark.slow  # ~12 min on a busy 2-core CPU: 4 short training processes and 2 that stop before compiling
+def test_broken_runs_stop_or_recover_with_a_message(tmp_path, assets, compile_cache):
+    import socket
+
+    home = tmp_path / "home"
+    home.mkdir()
+    workdir = tmp_path / "run"
+    base = ["-m", "fairdiff_jax.train", *TINY, f"--config.assets_dir={assets}", "--workdir", str(workdir)]
+    env = {"HOME": str(home)}
+
+    # Another run holds the workdir (this process stands in for it): refused, naming it.
+    workdir.mkdir()
+    (workdir / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "t"}))
+    result = run(base, compile_cache, timeout=120, env=env)
+    assert result.returncode == 2 and f"in use by process {os.getpid()}" in result.stderr.splitlines()[-1]
+    (workdir / "train.lock").unlink()
+
+    result = run(base, compile_cache, env=env)  # 4 steps, checkpoints 2 and 4
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert export.available_steps(workdir / "checkpoints") == [2, 4] and not (workdir / "train.lock").exists()
+    assert not (home / ".keras").exists()  # TensorFlow's Keras settings stay in the run folder
+
+    # --resume with another value: refused before anything loads.
+    result = run(base + ["--resume", "--config.train.micro_batch_size=1"], compile_cache, timeout=120, env=env)
+    assert result.returncode == 2 and "train.micro_batch_size: 2 -> 1" in result.stderr.splitlines()[-1]
+
+    # The newest checkpoint is damaged: --resume goes back to step 2, retrains 3 and 4, logs each step once.
+    (workdir / "checkpoints" / "4" / "state" / "manifest.ocdbt").unlink()
+    result = run(base + ["--resume"], compile_cache, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: checkpoint 4 in" in result.stderr and "resumed from step 2" in result.stderr
+    assert export.available_steps(workdir / "checkpoints") == [2, 4]
+    assert (workdir / "checkpoints_damaged" / "4").is_dir()
+    assert [m["step"] for m in read_metrics(workdir) if m["kind"] == "train"] == [1, 2, 3, 4]
+    export.read_state(workdir, 4)  # the retrained step 4 reads
+
+    # NaN weights: every step is bad, the run stops after max_bad_steps of them and checkpoints nothing.
+    nan_assets = _nan_unet_assets(assets, tmp_path / "nan_assets")
+    nan_run = tmp_path / "nan_run"
+    result = run(["-m", "fairdiff_jax.train", *TINY, f"--config.assets_dir={nan_assets}", "--workdir", str(nan_run),
+                  "--config.train.max_bad_steps=2"], compile_cache, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "training stopped at step 2: 2 bad steps in a row" in result.stderr.splitlines()[-1]
+    assert export.available_steps(nan_run / "checkpoints") == []
 
 
 def test_device_notice_warns_loudly_when_a_full_size_model_would_train_on_the_cpu():

@@ -19,7 +19,9 @@ for both models (`generate.initial_noise`: a function of seed, prompt and image 
 Fidelity's reference (config.eval.fidelity_reference): 'original' compares the debiased images with the original
 model's images of the same prompt (the original side has no fidelity then); 'miniature_world' compares both sides
 with the world's balanced renders of the prompt. Sampling follows `config.generate`, `config.model.guidance_scale`
-and `config.seed`. Every stage resumes: images on disk are not generated again and evaluation caches per image.
+and `config.seed`. Every stage resumes: images on disk are not generated again and evaluation caches per image;
+an image folder that another model, LoRA or setting made (its generation.json, sd/manifest.py) is refused before
+anything is sampled, unless --overwrite.
 """
 
 import argparse
@@ -30,11 +32,12 @@ from typing import Mapping, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from fairdiff_jax import config_cli
+from fairdiff_jax import config_checks, config_cli
 from fairdiff_jax import prompts as prompt_files
 from fairdiff_jax.eval import evaluate, from_config, grids, tables
 from fairdiff_jax.eval.folders import image_files, prompt_folders, read_pixels
 from fairdiff_jax.sd import generation as generate
+from fairdiff_jax.sd import manifest
 from fairdiff_jax.sd.loader import load_stable_diffusion
 
 MODELS = ("original", "debiased")
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet_lora", type=Path, help="UNet LoRA, the original's .pth format")
     parser.add_argument("--images_per_prompt", type=int, help="default: config.generate.images_per_prompt")
     parser.add_argument("--prompts_per_kind", type=int, help="only the first N test prompts of each kind (default: all)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="regenerate image folders that another model, LoRA or setting made (default: refuse)")
     parser.add_argument("--kinds", nargs="+", default=list(prompt_files.PROMPT_KINDS), choices=prompt_files.PROMPT_KINDS)
     return parser
 
@@ -95,6 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
             raise ValueError(f"unexpected arguments: {positional}")
         if args.text_encoder_lora is None and args.unet_lora is None:
             raise ValueError("give --text_encoder_lora and/or --unet_lora (the debiased model)")
+        config_checks.check_numbers(config)
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
+        for flag in ("images_per_prompt", "prompts_per_kind"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
         images_per_prompt = args.images_per_prompt or config.generate.images_per_prompt
         if images_per_prompt <= config.eval.fidelity_k:
             raise ValueError(f"--images_per_prompt must exceed config.eval.fidelity_k = {config.eval.fidelity_k}, "
@@ -105,6 +116,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
         original = load_stable_diffusion(config.model.sd_path, jnp.dtype(config.model.dtype),
                                          attention_impl=config.model.attention_impl)
         debiased = generate.load_lora_files(original, args.text_encoder_lora, args.unet_lora)
+        files = {MODELS[0]: manifest.ModelFiles(Path(config.model.sd_path), config.model.dtype),
+                 MODELS[1]: manifest.ModelFiles(Path(config.model.sd_path), config.model.dtype,
+                                                {"text_encoder": args.text_encoder_lora, "unet": args.unet_lora})}
+        for kind, texts in prompt_sets.items():  # stale image folders are refused (or cleared) before any sampling
+            for model, sd in zip(MODELS, (original, debiased)):
+                made_by = manifest.recipe(files[model], seed=config.seed, guidance=config.model.guidance_scale,
+                                          steps=config.generate.num_denoising_steps, latent_shape=sd.latent_shape)
+                manifest.claim_folder(args.out / model / kind, made_by, texts, args.overwrite)
     except (OSError, ValueError, config_cli.ConfigError) as e:
         parser.error(str(e))
 
@@ -118,8 +137,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
         for model, sd in zip(MODELS, (original, debiased)):
             print(f"== {kind}: {model} model, {len(texts)} prompts x {images_per_prompt} images", file=sys.stderr)
             images = args.out / model / kind
-            generate.generate_images(sd, texts, images, images_per_prompt, config.generate.batch_size,
-                                     config.generate.num_denoising_steps, config.model.guidance_scale, config.seed)
+            try:
+                generate.generate_images(sd, texts, images, images_per_prompt, config.generate.batch_size,
+                                         config.generate.num_denoising_steps, config.model.guidance_scale, config.seed,
+                                         model_files=files[model])
+            except generate.GenerationError as e:
+                parser.exit(1, f"error: {e}\n")
             paired = dict(reference_dir=args.out / MODELS[0] / kind) if model == MODELS[1] else {}
             if model == MODELS[1] and not world_reference:  # fidelity against the original's images
                 references = {i: r.features for i, r in evaluations[MODELS[0]].results.items()}

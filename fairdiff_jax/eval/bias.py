@@ -1,4 +1,4 @@
-"""Bias metrics (SPEC 6, SPEC 9). Host side: numpy.
+"""Bias metrics (docs/method.md#metrics). Host side: numpy.
 
 Bias of a set of predictions over K classes, measured on the images with a face:
     freq_k = share of those images predicted as class k
@@ -52,7 +52,7 @@ def bias_metrics(
     attribute_names: Sequence[str] = ("gender", "race"),
     confidence_level: float = 0.8,
 ) -> dict[str, float]:
-    """The training/evaluation log metrics of one prompt's images (SPEC 6).
+    """The training/evaluation log metrics of one prompt's images (docs/method.md#metrics).
 
     Over the images with a face, predictions = argmax of each attribute's probabilities:
         "<name>_bias"                bias over that attribute's classes (gender_bias, race_bias)

@@ -81,6 +81,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "face_size", "fidelity_k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder")
     if not args.images.is_dir():
         raise FileNotFoundError(f"--images: folder not found: {args.images}")
     if not prompt_folders(args.images):

@@ -1,6 +1,7 @@
 """Evaluate folders of generated images with the one evaluator (eval/evaluator.py) and write the outputs.
 
-Input: the layout `generate` writes, images_dir/prompt_i/img_j.jpg. For every prompt folder, in batches:
+Input: the layout `generate` writes, images_dir/prompt_i/img_j.jpg (an image file that does not decode is skipped
+with a warning naming it, and counted: num_unreadable). For every prompt folder, in batches:
 `Evaluator.judge` (faces, test classifiers, degenerate images, fidelity features, consistency); with a paired
 reference folder (the original model's images from the same seeds, same layout) also CLIP-I and DINO.
 
@@ -41,6 +42,7 @@ from fairdiff_jax.eval.folders import (
     read_images,
     read_pixels,
     run_batches,
+    unreadable_images,
     write_atomic,
 )
 from fairdiff_jax.eval.similarity import SIMILARITY_METRICS, embedding_similarity
@@ -65,22 +67,52 @@ def evaluate_folder(images_dir: str | Path, evaluator: Evaluator, *,
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     folders = prompt_folders(images_dir)
     files = {i: image_files(folder) for i, folder in folders.items()}
-    first = next((paths[0] for paths in files.values() if paths), None)
+    first = _first_readable(files)
     feature_dim = evaluator.fidelity_tower.feature_dim(image_size(first)) if evaluator.fidelity_tower is not None and first else 0
     fields = evaluator.fields(feature_dim)
     settings = evaluator.settings()
-    caches = {i: RowCache.for_files(cache_dir / f"prompt_{i}.npz" if cache_dir else None, settings, paths, fields)
-              for i, paths in files.items()}
+
+    caches, unreadable = _readable_caches(
+        files, lambda i, paths: RowCache.for_files(cache_dir / f"prompt_{i}.npz" if cache_dir else None, settings, paths, fields))
 
     def judge(i, paths):
         out = evaluator.judge(padded(read_images(paths), batch_size), tables.prompt_text(prompt_texts, i))
         return {key: value[: len(paths)] for key, value in out.items()}
 
     run_batches(caches, files, judge, batch_size, "evaluate", progress)
-    results = {i: PromptResults.from_rows(c.names, c.results()) for i, c in caches.items()}
+    results = {i: dataclasses.replace(PromptResults.from_rows(c.names, c.results()), unreadable=unreadable[i])
+               for i, c in caches.items()}
     if reference_dir is None or all(tower is None for tower in evaluator.similarity):
         return results
     return _with_similarity(results, files, Path(reference_dir), evaluator, cache_dir, batch_size, progress)
+
+
+def _readable_caches(files: dict[int, list[Path]], cache_of) -> tuple[dict[int, RowCache], dict[int, tuple[str, ...]]]:
+    """({i: cache_of(i, readable files)}, {i: names of unreadable files}); drops the unreadable from `files`, each
+    with a warning naming it. Only images without stored results are decoded here: a cached one has not changed."""
+    caches, unreadable = {}, {}
+    for i, paths in files.items():
+        caches[i] = cache_of(i, paths)
+        bad = unreadable_images([paths[k] for k in caches[i].todo])
+        for path, why in bad:
+            print(f"warning: skipping unreadable image {path} ({why})", file=sys.stderr)
+        unreadable[i] = tuple(path.name for path, _ in bad)
+        if bad:
+            files[i] = [p for p in paths if p.name not in unreadable[i]]
+            caches[i] = cache_of(i, files[i])
+    return caches, unreadable
+
+
+def _first_readable(files: Mapping[int, Sequence[Path]]) -> Optional[Path]:
+    """The first image file whose size can be read (None when there is none)."""
+    for paths in files.values():
+        for path in paths:
+            try:
+                image_size(path)
+            except OSError:
+                continue
+            return path
+    return None
 
 
 def _with_similarity(results, files, reference_dir, evaluator, cache_dir, batch_size, progress):
@@ -115,14 +147,14 @@ def folder_features(images_dir: str | Path, evaluator: Evaluator, cache_dir: Opt
     cache_dir/reference_prompt_i.npz."""
     folders = prompt_folders(images_dir)
     files = {i: image_files(folder) for i, folder in folders.items()}
-    first = next((paths[0] for paths in files.values() if paths), None)
+    first = _first_readable(files)
     if first is None:
         raise FileNotFoundError(f"no images in the reference set {images_dir}")
     fields = {"features": ((evaluator.fidelity_tower.feature_dim(image_size(first)),), np.float32)}
     settings = fingerprint("reference features", evaluator.fidelity_tower.params)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    caches = {i: RowCache.for_files(cache_dir / f"reference_prompt_{i}.npz" if cache_dir else None, settings, paths, fields)
-              for i, paths in files.items()}
+    caches, _ = _readable_caches(files, lambda i, paths: RowCache.for_files(
+        cache_dir / f"reference_prompt_{i}.npz" if cache_dir else None, settings, paths, fields))
     run_batches(caches, files, lambda i, paths: {"features": evaluator.features(padded(read_images(paths), batch_size))[: len(paths)]},
                 batch_size, "reference features", progress)
     return {i: cache.results()["features"] for i, cache in caches.items()}

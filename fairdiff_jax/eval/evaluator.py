@@ -104,7 +104,8 @@ class PromptResults:
     found: [N] bool. boxes: [N, 4] int64 square crop boxes (x1, y1, x2, y2; x2/y2 exclusive), -1 rows without a
     face. degenerate: [N] bool. logits: {attribute: [N, K] float32} (meaningless without a face). features:
     [N, D] float32 fidelity features, consistency: [N] float32, clip_similarity / dino_similarity: [N] float32
-    cosine to the paired reference (NaN where there is none); None when not measured.
+    cosine to the paired reference (NaN where there is none); None when not measured. unreadable: the names of
+    the prompt's image files that did not decode (not among the N rows).
     """
 
     image_names: tuple[str, ...]
@@ -116,6 +117,7 @@ class PromptResults:
     consistency: Optional[np.ndarray] = None
     clip_similarity: Optional[np.ndarray] = None
     dino_similarity: Optional[np.ndarray] = None
+    unreadable: tuple[str, ...] = ()
 
     def probs(self, attribute: str) -> np.ndarray:
         """[N, K] softmax of the attribute's logits."""
@@ -142,7 +144,8 @@ def prompt_metrics(result: PromptResults, reference_features: Optional[np.ndarra
                    confidence_level: float = 0.8) -> dict[str, float]:
     """One prompt's row; NaN where undefined.
 
-    num_images, num_faces, face_share (share of images with a face), degenerate_share; over the images with a
+    num_images, num_faces, face_share (share of images with a face), degenerate_share, num_unreadable (image
+    files skipped, not among num_images); over the images with a
     face (argmax predictions, `bias_lib.bias_metrics`): gender_bias, race_bias, gender_race_bias (8 joint
     classes), gender/race_pred_below_<level>, and old_share (age class 1) when an age head is there;
     fidelity_precision / fidelity_recall against `reference_features` [M, D] when the results have features;
@@ -154,6 +157,7 @@ def prompt_metrics(result: PromptResults, reference_features: Optional[np.ndarra
         "num_faces": int(found.sum()),
         "face_share": float(found.mean()) if len(found) else math.nan,
         "degenerate_share": float(result.degenerate.mean()) if len(found) else math.nan,
+        "num_unreadable": len(result.unreadable),
     }
     probs = [result.probs(a) for a in BIAS_ATTRIBUTES]
     row.update(bias_lib.bias_metrics(probs, found, BIAS_ATTRIBUTES, confidence_level))

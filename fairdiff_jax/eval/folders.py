@@ -60,6 +60,19 @@ def read_images(paths: Sequence[Path]) -> np.ndarray:
     return read_pixels(paths).astype(np.float32) / 127.5 - 1.0
 
 
+def unreadable_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
+    """[(path, why)] of the image files that do not decode (truncated, empty, not an image): decoding them whole
+    is the only test a truncated JPEG fails."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... by format
+            bad.append((path, f"{type(e).__name__}: {e}"))
+    return bad
+
+
 def image_size(path: Path) -> int:
     """The side of a square image file (ValueError naming the file otherwise), without decoding it."""
     with Image.open(path) as image:

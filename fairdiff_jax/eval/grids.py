@@ -101,7 +101,7 @@ def annotated_grid(
     border: int | None = None,
     label_indices: bool = True,
 ) -> np.ndarray:
-    """A grid of annotated images, uint8 [rows * tile_H, cols * tile_W, 3] (SPEC 6).
+    """A grid of annotated images, uint8 [rows * tile_H, cols * tile_W, 3] (docs/method.md#metrics).
 
     Every image gets per-attribute colour bars (class colour, height = max probability), its face
     box and (label_indices) its index in the batch; images are ordered by class (`grid_order`);

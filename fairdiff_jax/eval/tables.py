@@ -88,8 +88,11 @@ def _format_mean_std(stat: Optional[MeanStd]) -> str:
 
 
 def warnings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Lines that say what a table's numbers must not hide: degenerate images, prompts with no face at all."""
+    """Lines that say what a table's numbers must not hide: unreadable and degenerate images, prompts with no face."""
     out = []
+    unreadable = sum(r.get("num_unreadable", 0) for r in rows)
+    if unreadable:
+        out.append(f"WARNING: {unreadable} image files could not be read and were skipped (not counted in the images)")
     degenerate = sum(round(r["degenerate_share"] * r["num_images"]) for r in rows if "degenerate_share" in r)
     if degenerate:
         total = sum(r["num_images"] for r in rows)
@@ -116,7 +119,8 @@ def per_prompt_markdown(rows: Sequence[Mapping[str, Any]], consistency_name: Opt
     lines = ["| # | prompt | images | faces | " + " | ".join(label(n, consistency_name) for n in names) + " |",
              "|---" * (4 + len(names)) + "|"]
     for row in rows:
-        cells = [str(row["prompt_index"]), row["prompt"].replace("|", "\\|"), str(row["num_images"]), str(row["num_faces"])]
+        images = str(row["num_images"]) + (f" (+{row['num_unreadable']} unreadable)" if row.get("num_unreadable") else "")
+        cells = [str(row["prompt_index"]), row["prompt"].replace("|", "\\|"), images, str(row["num_faces"])]
         lines.append("| " + " | ".join(cells + [_format(row[n]) for n in names]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -17,16 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.nn.attention import AttentionImpl
-from fairdiff_jax.nn.layers import l2_normalize
 from fairdiff_jax.nn.transformer import (
     WEIGHT_STEMS,
-    CLIPEncoder,
     check_activation,
     check_heads,
+    check_pixels,
+    class_and_patch_tokens,
+    clip_encoder,
     known_fields,
     layer_norm,
-    resize_bilinear,
-    sub_config,
+    normalized_tower_features,
+    tower_fields,
 )
 from fairdiff_jax.nn.weights import (
     convert_state_dict,
@@ -66,15 +67,8 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
-        """From a CLIPVisionModelWithProjection config.json dict, or a CLIPModel one.
-
-        For a CLIPModel the projection width is the top-level `projection_dim` (what its
-        visual_projection was built with); the nested vision_config's own `projection_dim` is often a stale
-        default (512) there.
-        """
-        fields = sub_config(config, "vision_config", ("clip_vision_model", "clip"))
-        if "vision_config" in config or "vision_config_dict" in config:
-            fields["projection_dim"] = config.get("projection_dim", cls.projection_dim)
+        """From a CLIPVisionModelWithProjection config.json dict, or a CLIPModel one (`tower_fields`)."""
+        fields = tower_fields(config, "vision_config", ("clip_vision_model", "clip"), cls.projection_dim)
         return cls(**known_fields(cls, fields))
 
 
@@ -87,16 +81,8 @@ class CLIPVisionEmbeddings(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """[B, S, S, C] -> [B, 1 + (S/patch)^2, D]: class token first, then patches in row-major order."""
         cfg = self.config
-        patch = (cfg.patch_size, cfg.patch_size)
-        patches = nn.Conv(
-            cfg.hidden_size, patch, strides=patch, padding="VALID", use_bias=False,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
-        )(pixel_values)
-        batch = patches.shape[0]
-        patches = patches.reshape(batch, -1, cfg.hidden_size)
         class_embedding = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,), self.param_dtype)
-        class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, cfg.hidden_size))
-        x = jnp.concatenate([class_tokens, patches], axis=1)
+        x = class_and_patch_tokens(self, pixel_values, cfg.hidden_size, cfg.patch_size, False, "patch_embedding", class_embedding)
         positions = nn.Embed(
             x.shape[1], cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="position_embedding"
         )(jnp.arange(x.shape[1]))
@@ -117,7 +103,7 @@ class CLIPVisionTransformer(nn.Module):
         cfg = self.config
         x = CLIPVisionEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
         x = layer_norm(x, cfg.layer_norm_eps, self.param_dtype, "pre_layrnorm")
-        x = CLIPEncoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="encoder")(x)
+        x = clip_encoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat)(x)
         return layer_norm(x[:, 0], cfg.layer_norm_eps, self.param_dtype, "post_layernorm")
 
 
@@ -134,9 +120,7 @@ class CLIPVisionWithProjection(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values: [B, image_size, image_size, num_channels], CLIP-normalised. Returns [B, projection_dim]."""
         cfg = self.config
-        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
-        if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this CLIP tower takes [B, *{expected}]")
+        check_pixels(pixel_values, cfg.image_size, cfg.num_channels, "CLIP tower")
         pooled = CLIPVisionTransformer(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="vision_model")(
             pixel_values
         )
@@ -153,15 +137,13 @@ class CLIPVisionWithProjection(nn.Module):
 
 
 def clip_image_embeds(model: CLIPVisionWithProjection, params: Params, images: jax.Array) -> jax.Array:
-    """The CLIP feature of the image-semantics loss (SPEC 1, 5.7); differentiable w.r.t. `images`.
+    """The CLIP feature of the image-semantics loss (docs/method.md#the-loss); differentiable w.r.t. `images`.
 
-    images: [N, H, W, 3] float32 in [-1, 1] (square) -> resized to the tower's image_size (`resize_bilinear`),
-    mapped to [0, 1], CLIP mean/std normalised, image_embeds; returns [N, projection_dim] float32, unit L2 norm.
+    images: [N, H, W, 3] float32 in [-1, 1] (square) at the tower's image_size, CLIP mean/std normalised
+    (`normalized_tower_features`); returns [N, projection_dim] float32, unit L2 norm.
     """
-    pixels = resize_bilinear(images.astype(jnp.float32), model.config.image_size)
-    pixels = ((pixels + 1.0) * 0.5 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-    embeds = model.apply({"params": params}, pixels.astype(model.dtype))
-    return l2_normalize(embeds.astype(jnp.float32))
+    apply = lambda pixels: model.apply({"params": params}, pixels)  # noqa: E731
+    return normalized_tower_features(apply, images, model.config.image_size, CLIP_MEAN, CLIP_STD, model.dtype)
 
 
 def clip_vision_params(model: CLIPVisionWithProjection, state_dict: Mapping[str, np.ndarray], source: str) -> Params:

@@ -11,7 +11,7 @@ The offset shifts the sampling positions by up to 0.2 patches; use 0.1 to reprod
 
 Parameter paths: `embeddings/{cls_token, position_embeddings, patch_embeddings}`,
 `encoder/layer_<i>/{norm1, attention/{q_proj, k_proj, v_proj, out_proj}, layer_scale1, norm2, mlp/{fc1, fc2},
-layer_scale2}`, `layernorm`. The attention and MLP blocks are clip.py's; the rename rules below map both the
+layer_scale2}`, `layernorm`. The encoder is CLIP's (nn/transformer.py) with LayerScale; the rename rules below map both the
 transformers file names and the torch-hub names (whose fused `attn.qkv` is split into q/k/v first) onto them.
 The unused `mask_token` is dropped.
 """
@@ -27,16 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairdiff_jax.nn.attention import AttentionImpl
-from fairdiff_jax.nn.layers import l2_normalize
 from fairdiff_jax.nn.transformer import (
-    MLP,
+    DINOV2_LAYER_NAMES,
     WEIGHT_STEMS,
-    SelfAttention,
+    PreNormEncoder,
+    PreNormSpec,
     check_activation,
     check_heads,
+    check_pixels,
+    class_and_patch_tokens,
     known_fields,
     layer_norm,
-    resize_bilinear,
+    normalized_tower_features,
 )
 from fairdiff_jax.nn.weights import (
     WeightLoadError,
@@ -112,42 +114,6 @@ class Dinov2Config:
         return cls(**known_fields(cls, config))
 
 
-class Dinov2Layer(nn.Module):
-    """x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x))."""
-
-    config: Dinov2Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: AttentionImpl = "xla"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        width = cfg.hidden_size
-        scale = lambda name: self.param(name, nn.initializers.ones, (width,), self.param_dtype).astype(self.dtype)  # noqa: E731
-        h = layer_norm(x, cfg.layer_norm_eps, self.param_dtype, "norm1")
-        h = SelfAttention(cfg.num_attention_heads, self.dtype, self.param_dtype, self.attention_impl, name="attention")(h)
-        x = x + scale("layer_scale1") * h
-        h = layer_norm(x, cfg.layer_norm_eps, self.param_dtype, "norm2")
-        h = MLP(int(width * cfg.mlp_ratio), cfg.hidden_act, self.dtype, self.param_dtype, name="mlp")(h)
-        return x + scale("layer_scale2") * h
-
-
-class Dinov2Encoder(nn.Module):
-    config: Dinov2Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: AttentionImpl = "xla"
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        layer_cls = nn.remat(Dinov2Layer) if self.remat else Dinov2Layer
-        for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.dtype, self.param_dtype, self.attention_impl, name=f"layer_{i}")(x)
-        return x
-
-
 class Dinov2Embeddings(nn.Module):
     config: Dinov2Config
     input_size: int
@@ -158,19 +124,12 @@ class Dinov2Embeddings(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """[B, S, S, C] -> [B, 1 + (S/patch)^2, D]: CLS first, then patches row-major, plus position embeddings."""
         cfg = self.config
-        patch = (cfg.patch_size, cfg.patch_size)
-        patches = nn.Conv(
-            cfg.hidden_size, patch, strides=patch, padding="VALID",
-            dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embeddings",
-        )(pixel_values)
-        batch = patches.shape[0]
-        patches = patches.reshape(batch, -1, cfg.hidden_size)
         cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, cfg.hidden_size), self.param_dtype)
+        x = class_and_patch_tokens(self, pixel_values, cfg.hidden_size, cfg.patch_size, True, "patch_embeddings", cls_token)
         tokens = 1 + (self.input_size // cfg.patch_size) ** 2
         positions = self.param(
             "position_embeddings", nn.initializers.normal(0.02), (1, tokens, cfg.hidden_size), self.param_dtype
         )
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, cfg.hidden_size)), patches], axis=1)
         return x + positions.astype(self.dtype)
 
 
@@ -189,11 +148,13 @@ class Dinov2Model(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values: [B, input_size, input_size, num_channels], ImageNet-normalised. Returns [B, hidden_size]."""
         cfg = self.config
-        expected = (self.input_size, self.input_size, cfg.num_channels)
-        if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this DINOv2 takes [B, *{expected}]")
+        check_pixels(pixel_values, self.input_size, cfg.num_channels, "DINOv2")
         x = Dinov2Embeddings(cfg, self.input_size, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
-        x = Dinov2Encoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="encoder")(x)
+        spec = PreNormSpec(cfg.num_attention_heads, int(cfg.hidden_size * cfg.mlp_ratio), cfg.hidden_act,
+                           cfg.layer_norm_eps, DINOV2_LAYER_NAMES, layer_scale=True)
+        encoder = PreNormEncoder(cfg.num_hidden_layers, spec, self.dtype, self.param_dtype, self.attention_impl, self.remat,
+                                 name="encoder")
+        x = encoder(x)
         # LayerNorm is per token: normalising only the CLS token equals normalising all and taking the first.
         return layer_norm(x[:, 0], cfg.layer_norm_eps, self.param_dtype, "layernorm")
 
@@ -204,15 +165,13 @@ class Dinov2Model(nn.Module):
 
 
 def dino_image_embeds(model: Dinov2Model, params: Params, images: jax.Array) -> jax.Array:
-    """The DINOv2 feature of the image-semantics loss (SPEC 1, 5.7); differentiable w.r.t. `images`.
+    """The DINOv2 feature of the image-semantics loss (docs/method.md#the-loss); differentiable w.r.t. `images`.
 
-    images: [N, H, W, 3] float32 in [-1, 1] (square) -> resized to `model.input_size` (clip.resize_bilinear),
-    mapped to [0, 1], ImageNet mean/std normalised, CLS embedding; returns [N, hidden_size] float32, unit L2 norm.
+    images: [N, H, W, 3] float32 in [-1, 1] (square) at `model.input_size`, ImageNet mean/std normalised
+    (`normalized_tower_features`); returns the CLS embedding [N, hidden_size] float32, unit L2 norm.
     """
-    pixels = resize_bilinear(images.astype(jnp.float32), model.input_size)
-    pixels = ((pixels + 1.0) * 0.5 - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-    embeds = model.apply({"params": params}, pixels.astype(model.dtype))
-    return l2_normalize(embeds.astype(jnp.float32))
+    apply = lambda pixels: model.apply({"params": params}, pixels)  # noqa: E731
+    return normalized_tower_features(apply, images, model.input_size, IMAGENET_MEAN, IMAGENET_STD, model.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

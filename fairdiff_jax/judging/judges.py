@@ -14,8 +14,8 @@ Feature functions (device side, jittable, differentiable w.r.t. the images; imag
 Detector choice (`config.faces.detector`): 'mtcnn' (judging/mtcnn.py's MTCNNDetector, the default) or 'module:callable',
 a callable returning a `detection.FaceDetector`, called with `config.faces.detector_path` when that is set
 (e.g. 'fairdiff_jax.miniature.detector:MiniatureFaceDetector.from_file' with the detector file) and with no
-argument otherwise. `config.faces.expand_coef` is the detector's box expansion for the face chips (SPEC 5
-step 3: 0.5 for insightface-like boxes).
+argument otherwise. `config.faces.expand_coef` is the detector's box expansion for the face chips
+(docs/method.md#one-training-step: 0.5 for insightface-like boxes).
 """
 
 import dataclasses

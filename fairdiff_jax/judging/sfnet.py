@@ -6,7 +6,7 @@ Two variants, as in opensphere's `model/backbone`:
   stages (64, 128, 256, 512 channels; 112 -> 56 -> 28 -> 14 -> 7 pixels) is a 3x3 stride-2 conv
   with bias + ReLU, then 1, 2, 4, 1 residual blocks computing
   `x + relu(conv2(relu(conv1(x))))` (ReLU BEFORE the identity is added, nothing after: read off
-  opensphere's `sfnet_deprecated.py`; SPEC 1a's "ReLU after the sum" describes the newer variant).
+  opensphere's `sfnet_deprecated.py`; docs/method.md#differences-from-the-papers-code).
 - "sfnet20": every conv without bias and followed by BatchNorm (eps 1e-5), blocks computing
   `relu(x + bn2(conv2(relu(bn1(conv1(x))))))`, and a BatchNorm1d (`features`) on the output.
 

@@ -14,8 +14,8 @@ precision in a few hundred steps, where a dense regression head needs thousands.
 (`train_detector`) on world renders with and without a figure, under noise, blur,
 brightness/contrast and left-right flip augmentation, so that it also finds the blurrier, noisier
 faces a small diffusion model draws. Weights: a safetensors file of the Flax params (keys
-"conv0/kernel", ..., "maps/bias"; the training image size in its metadata), `save_detector` /
-`load_detector`.
+"conv0/kernel", ..., "maps/bias", float32 or float16; the training image size and, optionally, the
+face-probability threshold chosen for it in its metadata), `save_detector` / `load_detector`.
 
     detector = MiniatureFaceDetector.from_file("assets/miniature/face_detector.safetensors")
     found_faces = detector.detect(images)      # faces.FaceDetections
@@ -33,12 +33,13 @@ import optax
 from flax import traverse_util
 
 from fairdiff_jax.judging.detection import FaceDetections
-from fairdiff_jax.miniature import world
+from fairdiff_jax.miniature import drawing, world
 from fairdiff_jax.nn import weights
 
 # Landmark order under a left-right flip: the eyes and the mouth corners swap.
 FLIP_ORDER = np.array([1, 0, 2, 4, 3])
 NUM_MAPS = 5 + 4  # landmarks, then the face's leftmost, topmost, rightmost, bottommost points
+DEFAULT_THRESHOLD = 0.5  # for files that store no threshold of their own
 
 
 class DetectorNet(nn.Module):
@@ -90,38 +91,48 @@ class MiniatureFaceDetector:
     Args:
       params: DetectorNet params (`load_detector`).
       image_size: side S of the images it reads (the training size).
-      threshold: face probability above which a face counts as found.
+      threshold: face probability above which a face counts as found (DEFAULT_THRESHOLD when None).
       batch_size: most images per jitted call; a smaller call is zero-padded to the next power of
         two (at least 8), so a few shapes are compiled, whatever the batch sizes seen.
     """
 
-    def __init__(self, params: dict, image_size: int, threshold: float = 0.5, batch_size: int = 256):
+    def __init__(self, params: dict, image_size: int, threshold: Optional[float] = None, batch_size: int = 256):
         self.net = DetectorNet(params["conv0"]["kernel"].shape[-1])
-        self.params = jax.tree.map(jnp.asarray, params)
+        self.params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
         self.image_size = image_size
-        self.threshold = threshold
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         self.batch_size = batch_size
         self._apply = jax.jit(lambda p, x: decode_outputs(self.net.apply({"params": p}, x), image_size))
 
     @classmethod
-    def from_file(cls, path: str | Path, threshold: float = 0.5, batch_size: int = 256) -> "MiniatureFaceDetector":
+    def from_file(cls, path: str | Path, threshold: Optional[float] = None, batch_size: int = 256) -> "MiniatureFaceDetector":
+        """threshold None: the one stored in the file (`save_detector`), else DEFAULT_THRESHOLD."""
         params, image_size = load_detector(path)
+        if threshold is None:
+            threshold = stored_threshold(path)
         return cls(params, image_size, threshold, batch_size)
 
-    def detect(self, images: np.ndarray) -> FaceDetections:
-        """images: [N, S, S, 3] float in [-1, 1] -> the face of each image (-1 fills where none)."""
+    def face_probability(self, images: np.ndarray) -> np.ndarray:
+        """images: [N, S, S, 3] float in [-1, 1] -> [N] float32 face probability in [0, 1] (before the threshold)."""
+        return self._run(images)[0]
+
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images [N, S, S, 3] -> (face probability [N], boxes [N, 4], landmarks [N, 5, 2]) as numpy."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"the miniature detector reads [N, {self.image_size}, {self.image_size}, 3] images, "
                              f"got shape {images.shape}")
         n = len(images)
         if n == 0:
-            return FaceDetections(np.zeros(0, bool), np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32),
-                                  np.zeros(0, np.float32))
+            return np.zeros(0, np.float32), np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32)
         chunk = min(self.batch_size, max(8, 1 << max(n - 1, 0).bit_length()))
         padded = np.concatenate([images, np.zeros((-n % chunk,) + images.shape[1:], np.float32)])
         parts = [jax.device_get(self._apply(self.params, padded[s:s + chunk])) for s in range(0, len(padded), chunk)]
-        prob, boxes, landmarks = (np.concatenate(p)[:n] for p in zip(*parts))
+        return tuple(np.concatenate(p)[:n] for p in zip(*parts))
+
+    def detect(self, images: np.ndarray) -> FaceDetections:
+        """images: [N, S, S, 3] float in [-1, 1] -> the face of each image (-1 fills where none)."""
+        prob, boxes, landmarks = self._run(images)
         found = prob > self.threshold
         return FaceDetections(
             found=found,
@@ -131,21 +142,41 @@ class MiniatureFaceDetector:
         )
 
 
-def save_detector(params: dict, image_size: int, path: str | Path) -> Path:
-    """Writes the params as safetensors (keys "conv0/kernel", ...), the image size as metadata."""
+def save_detector(params: dict, image_size: int, path: str | Path, threshold: Optional[float] = None,
+                  dtype: type = np.float32) -> Path:
+    """Writes the params as safetensors (keys "conv0/kernel", ...) in `dtype`, the image size and, when given, the
+    face-probability threshold as metadata."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    save_file({k: np.asarray(v, np.float32) for k, v in flat.items()}, str(path), metadata={"image_size": str(image_size)})
+    metadata = {"image_size": str(image_size)}
+    if threshold is not None:
+        metadata["threshold"] = repr(float(threshold))
+    save_file({k: np.asarray(v, dtype) for k, v in flat.items()}, str(path), metadata=metadata)
     return path
 
 
-def load_detector(path: str | Path) -> tuple[dict, int]:
-    """A `save_detector` file -> (params as numpy arrays, the image size it was trained on)."""
+def _metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    params = traverse_util.unflatten_dict(weights.read_state_dict(path), sep="/")
+    with safe_open(str(path), "numpy") as f:
+        return f.metadata() or {}
+
+
+def stored_threshold(path: str | Path) -> Optional[float]:
+    """The face-probability threshold a `save_detector` file holds (None for files written without one)."""
+    value = _metadata(path).get("threshold")
+    try:
+        return None if value is None else float(value)
+    except ValueError as e:
+        raise weights.WeightLoadError(f"{path}: metadata threshold {value!r} is not a number") from e
+
+
+def load_detector(path: str | Path) -> tuple[dict, int]:
+    """A `save_detector` file -> (params as float32 numpy arrays, the image size it was trained on)."""
+    flat_file = {k: np.asarray(v, np.float32) for k, v in weights.read_state_dict(path).items()}
+    params = traverse_util.unflatten_dict(flat_file, sep="/")
     width = params.get("conv0", {}).get("kernel")
     if width is None or "maps" not in params:
         raise weights.WeightLoadError(f"{path} is not a miniature face detector file (no conv0/kernel or maps/*)")
@@ -156,8 +187,7 @@ def load_detector(path: str | Path) -> tuple[dict, int]:
                    if k not in flat or k not in flat_expected or flat[k].shape != flat_expected[k].shape)
     if wrong:
         raise weights.WeightLoadError(f"{path}: keys missing, unexpected or of the wrong shape: {wrong}")
-    with safe_open(str(path), "numpy") as f:
-        image_size = int((f.metadata() or {}).get("image_size", 0))
+    image_size = int(_metadata(path).get("image_size", 0))
     if not image_size:
         raise weights.WeightLoadError(f"{path} has no image_size in its metadata")
     return params, image_size
@@ -167,7 +197,7 @@ def load_detector(path: str | Path) -> tuple[dict, int]:
 # Training
 
 
-def detection_targets(renders: world.Renders) -> np.ndarray:
+def detection_targets(renders: drawing.Renders) -> np.ndarray:
     """[N, 15] float32 training targets: has-face, box (4), landmarks (10) in pixels (zeros where no face)."""
     coords = np.concatenate([renders.boxes, renders.landmarks.reshape(-1, 10)], axis=1)
     coords = np.where(renders.has_face[:, None], coords, 0.0)
@@ -210,15 +240,15 @@ def detection_loss(outputs, targets: jax.Array, image_size: int) -> jax.Array:
     return classification + (regression * has_face).sum() / jnp.maximum(has_face.sum(), 1.0)
 
 
-def with_backgrounds(faces: world.Renders, num_backgrounds: int, seed: int) -> world.Renders:
+def with_backgrounds(faces: drawing.Renders, num_backgrounds: int, seed: int) -> drawing.Renders:
     """`faces` plus `num_backgrounds` background-only renders, shuffled (seeded): detector training data."""
-    joined = world.concatenate([faces, world.background_renders(num_backgrounds, seed, faces.images.shape[1])])
+    joined = drawing.concatenate([faces, world.background_renders(num_backgrounds, seed, faces.images.shape[1])])
     order = np.random.default_rng(seed).permutation(len(joined.images))
-    return world.Renders(**{f: getattr(joined, f)[order] for f in world.Renders.__dataclass_fields__})
+    return drawing.Renders(**{f: getattr(joined, f)[order] for f in drawing.Renders.__dataclass_fields__})
 
 
 def train_detector(
-    renders: world.Renders,
+    renders: drawing.Renders,
     steps: int,
     seed: int = 0,
     batch_size: int = 64,
@@ -268,7 +298,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
-def detection_accuracy(detector: MiniatureFaceDetector, renders: world.Renders) -> dict[str, float]:
+def detection_accuracy(detector: MiniatureFaceDetector, renders: drawing.Renders) -> dict[str, float]:
     """On renders with ground truth: recall (faces found), false-positive rate (backgrounds called
     faces), and, over the faces found, mean box IoU, share with IoU > 0.8, mean and 95th-percentile
     landmark error (pixels, worst of the 5 points) and share with every landmark within 1 pixel

@@ -27,12 +27,12 @@ from fairdiff_jax.nn.attention import AttentionImpl
 from fairdiff_jax.nn.layers import l2_normalize
 from fairdiff_jax.nn.transformer import (
     WEIGHT_STEMS,
-    CLIPEncoder,
     check_activation,
     check_heads,
+    clip_encoder,
     known_fields,
     layer_norm,
-    sub_config,
+    tower_fields,
 )
 from fairdiff_jax.nn.weights import (
     convert_state_dict,
@@ -76,9 +76,7 @@ class CLIPTextConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
         """From a CLIPTextModel config.json dict, or a CLIPModel one (its `text_config`; the projection width is
         the CLIPModel's top-level `projection_dim`, as for the vision tower)."""
-        fields = sub_config(config, "text_config", ("clip_text_model", "clip"))
-        if "text_config" in config or "text_config_dict" in config:
-            fields["projection_dim"] = config.get("projection_dim", cls.projection_dim)
+        fields = tower_fields(config, "text_config", ("clip_text_model", "clip"), cls.projection_dim)
         return cls(**known_fields(cls, fields))
 
 
@@ -120,7 +118,7 @@ class CLIPTextTransformer(nn.Module):
         visible = jnp.tril(jnp.ones((length, length), bool))[None, None]  # causal: [1, 1, L, L]
         if attention_mask is not None:
             visible = visible & (attention_mask[:, None, None, :] != 0)  # padding keys: [B, 1, L, L]
-        encoder = CLIPEncoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat, name="encoder")
+        encoder = clip_encoder(cfg, self.dtype, self.param_dtype, self.attention_impl, self.remat)
         return layer_norm(encoder(x, visible), cfg.layer_norm_eps, self.param_dtype, "final_layer_norm")
 
     def param_shapes(self) -> Params:

@@ -10,8 +10,10 @@
 The initial noise of image j of a prompt depends only on (seed, prompt text, j): a larger
 --num_imgs_per_prompt keeps the first images, the batch size changes nothing, and images already on
 disk are skipped, so an interrupted run resumes where it stopped (each image is written to a
-temporary file and renamed, so a crash never leaves a truncated one). Sampling: DPM-Solver++(2M),
-classifier-free guidance with the empty negative prompt, the original's text conditioning (SPEC 1b) in
+temporary file and renamed, so a crash never leaves a truncated one). save_dir/generation.json records what
+made the images (model and LoRA files by hash, seed, guidance, steps, size; sd/manifest.py): a folder made
+otherwise is refused unless --overwrite. A non-finite or one-colour image (NaN weights) stops the run, exit 1. Sampling: DPM-Solver++(2M),
+classifier-free guidance with the empty negative prompt, the paper's text conditioning (docs/method.md#sampler) in
 its fixed-length form (padded to the tokenizer's 77 tokens with masks: same images, one compilation).
 LoRA files are the original's `.pth` format (`text_encoder_lora[_EMA].pth`, `unet_lora[_EMA].pth`, as
 the original releases them and as `fairdiff_jax.sd.lora.save_original` writes them).
@@ -34,8 +36,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from fairdiff_jax import prompts as prompt_files
+from fairdiff_jax.eval import face_analysis
 from fairdiff_jax.nn.attention import ATTENTION_IMPLS
-from fairdiff_jax.sd import lora, sampler
+from fairdiff_jax.sd import lora, manifest, sampler
 from fairdiff_jax.sd.loader import (
     StableDiffusion,
     encode_prompt_pair,
@@ -76,6 +79,22 @@ def save_jpeg(image: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class GenerationError(RuntimeError):
+    """The model drew images that are not pictures (non-finite or of one colour); the message names them."""
+
+
+def check_images(images: np.ndarray, save_dir: Path, prompt_index: int, indices: Sequence[int]) -> None:
+    """Raises GenerationError when any of images [N, H, W, 3] is not finite or of one colour."""
+    bad = face_analysis.degenerate_images(images)
+    if bad.any():
+        names = [image_path(save_dir, prompt_index, j).name for j, b in zip(indices, bad) if b]
+        finite = bool(np.isfinite(images[bad]).all())
+        raise GenerationError(
+            f"{save_dir / f'prompt_{prompt_index}'}: {len(names)} of {len(indices)} images "
+            f"{'of one colour' if finite else 'not finite'} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
+            "the model or LoRA weights are broken (NaN?); nothing was written for them")
+
+
 def generate_images(
     sd: StableDiffusion,
     prompts: Sequence[str],
@@ -85,14 +104,24 @@ def generate_images(
     num_steps: int = 30,
     guidance_scale: float = 7.5,
     seed: int = 0,
+    *,
+    model_files: manifest.ModelFiles,
+    overwrite: bool = False,
 ) -> int:
     """Writes every missing `save_dir/prompt_i/img_j.jpg`; returns how many images it generated.
+
+    `model_files` (the files `sd` was loaded from) go into save_dir's manifest (sd/manifest.py): images already
+    there are reused only when the manifest says the same files and settings made them (StaleImagesError
+    otherwise, unless `overwrite`). A batch with a non-finite or one-colour image raises GenerationError: NaN
+    weights draw black images that would otherwise be evaluated as if they were pictures.
 
     Every sampling call has the same batch size (the last batch of a prompt is filled up with the
     noise of further indices, whose images are discarded) and the same text length (the tokenizer's
     maximum, with masks), so the sampler compiles once.
     """
     save_dir = Path(save_dir)
+    made_by = manifest.recipe(model_files, seed=seed, guidance=guidance_scale, steps=num_steps, latent_shape=sd.latent_shape)
+    manifest.claim_folder(save_dir, made_by, prompts, overwrite)
     batch_size = min(batch_size, num_imgs_per_prompt)
     schedule = sd.schedule(num_steps)
     todo = {
@@ -113,7 +142,9 @@ def generate_images(
                 images = sampler.sample_images(
                     sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, guidance_scale, context_mask
                 )
-                for j, image in zip(indices, np.asarray(images)):
+                images = np.asarray(images)[: len(indices)]
+                check_images(images, save_dir, i, indices)
+                for j, image in zip(indices, images):
                     save_jpeg(image, image_path(save_dir, i, j))
                 generated += len(indices)
                 progress.update(len(indices))
@@ -134,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=30, help="DPM-Solver++(2M) steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete images in --save_dir that another model, LoRA or setting made (default: refuse)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="frozen model weights and compute")
     parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="xla")
     lora_help = (
@@ -197,7 +230,12 @@ def main(argv=None) -> None:
             sd = load_lora_files(sd, args.text_encoder_lora, args.unet_lora)
         except (OSError, ValueError) as e:
             parser.error(str(e))
-        n = generate_images(
-            sd, prompts, args.save_dir, args.num_imgs_per_prompt, args.batch_size, args.steps, args.guidance, args.seed
-        )
+        files = manifest.ModelFiles(folder, args.dtype, {"text_encoder": args.text_encoder_lora, "unet": args.unet_lora})
+        try:
+            n = generate_images(sd, prompts, args.save_dir, args.num_imgs_per_prompt, args.batch_size, args.steps,
+                                args.guidance, args.seed, model_files=files, overwrite=args.overwrite)
+        except manifest.StaleImagesError as e:
+            parser.error(str(e))
+        except GenerationError as e:
+            parser.exit(1, f"error: {e}\n")
     print(f"{n} images generated, {len(prompts) * args.num_imgs_per_prompt - n} already there, in {args.save_dir}", file=sys.stderr)

@@ -3,7 +3,7 @@
 Folder layout (as `StableDiffusionPipeline.save_pretrained` writes it; model_index.json optional):
 unet/, vae/, text_encoder/, tokenizer/, scheduler/scheduler_config.json.
 
-Text conditioning (SPEC 1b, differs from the stock pipeline): the prompt is tokenized WITHOUT
+Text conditioning (docs/method.md#sampler, differs from the stock pipeline): the prompt is tokenized WITHOUT
 padding (its own length L, BOS and EOS included, truncated at the tokenizer's maximum length), the
 negative prompt "" is padded to the same L, and both run through the text encoder WITH their
 attention masks. The UNet then cross-attends to L tokens.

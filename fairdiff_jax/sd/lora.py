@@ -10,19 +10,16 @@ shardings simple (no '/' inside keys; `jax.tree.map` over a plain nested dict).
 Orientation: Flax kernels are [in, out], so `down` here is the transpose of PyTorch's
 `down.weight` [r, in] and `up` the transpose of `up.weight` [out, r]; the files hold PyTorch's layout.
 
-Targets (SPEC section 2): in the CLIP text encoder, every layer's self_attn q_proj, k_proj, v_proj,
+Targets (docs/method.md#models): in the CLIP text encoder, every layer's self_attn q_proj, k_proj, v_proj,
 out_proj and mlp fc1, fc2; in the UNet, to_q, to_k, to_v, to_out.0 of every attn1 and attn2 (down, mid
 and up blocks).
 
 Precision: `merge` computes kernel + down @ up in float32 (the product at HIGHEST precision: at default
 precision TPUs round its inputs to bf16 and GPUs may use TF32) and returns float32 kernels for the
 targeted modules, whatever the frozen dtype. The model then casts the merged kernel to its compute dtype,
-and that cast alone sets how much of a small LoRA update survives: float32 compute keeps it; bf16 compute
-rounds kernel + delta as a whole (8-bit mantissa), which the original never does (it computes the LoRA
-branch in fp32 and adds it to the fp16 linear's output). Measured (numpy emulation, 768x768 kernel of
-std 0.02, rank 50): relative error of the LoRA's effect on the output from weight rounding alone, for
-|delta|/|W| = 7e-4, 7e-3, 3.5e-2: bf16 2.0, 0.33, 0.066; fp16 0.41, 0.041, 0.008. So run the targeted
-linears in float32 where the LoRA's small early updates matter (cheap for the text encoder).
+and that cast alone sets how much of a small LoRA update survives: bf16 compute rounds kernel + delta as a
+whole, so run the targeted linears in float32 where the LoRA's small early updates matter (cheap for the text
+encoder; docs/method.md#differences-from-the-papers-code).
 
 Files:
   - the original's `torch.save`d dicts (`text_encoder_lora.pth`, `unet_lora.pth`, and the _EMA twins);
@@ -288,8 +285,6 @@ def save_diffusers(
     The file's adapter metadata says r = lora_alpha = rank for each part, so diffusers applies the
     LoRA with scale 1, as the original did. Returns the file written.
     """
-    from safetensors.numpy import save_file
-
     parts = {"unet": unet, "text_encoder": text_encoder}
     parts = {model: lora for model, lora in parts.items() if lora is not None}
     if not parts:
@@ -309,5 +304,21 @@ def save_diffusers(
     if path.suffix != ".safetensors":
         path = path / DIFFUSERS_WEIGHT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", _DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    metadata = {"format": "pt", _DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    path.write_bytes(safetensors_bytes(tensors, metadata))
     return path
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file's bytes with its JSON header's keys sorted: the same tensors give the same bytes.
+
+    The safetensors library keeps the metadata in a hash map whose order changes from process to process, so a
+    resumed and an uninterrupted run would export the same weights as different files.
+    """
+    from safetensors.numpy import save
+
+    raw = save(dict(tensors), metadata=dict(metadata))
+    length = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads its header to 8 bytes
+    return len(header).to_bytes(8, "little") + header + raw[8 + length :]

@@ -1,7 +1,7 @@
 """DPM-Solver++(2M) with classifier-free guidance, as pure functions over `lax.scan`.
 
 The sampler reproduces diffusers 0.19.3's `DPMSolverMultistepScheduler` built from SD v1-5's
-scheduler config (SPEC 1b): epsilon prediction, solver_order 2, algorithm dpmsolver++, midpoint
+scheduler config (docs/method.md#sampler): epsilon prediction, solver_order 2, algorithm dpmsolver++, midpoint
 second-order update, lower_order_final (first-order last step below 15 steps), linspace timestep
 spacing, and the last step landing on training timestep 0 (current diffusers:
 `final_sigmas_type="sigma_min"`).
@@ -305,7 +305,7 @@ def sample_images_and_trajectory(unet, unet_params, vae, vae_params, schedule, n
     return decode_latents(vae, vae_params, latents), latents, trajectory
 
 
-# ---- adjusted direct finetuning (SPEC section 5, step 7) -------------------------------------------
+# ---- adjusted direct finetuning (docs/method.md#adjusted-direct-finetuning) ------------------------
 
 
 def dft_gradient_scales(scheduler_config: SchedulerConfig, schedule: Schedule) -> jax.Array:

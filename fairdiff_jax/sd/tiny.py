@@ -57,7 +57,7 @@ SCHEDULER_CONFIG = dict(
     beta_end=0.012,
     beta_schedule="scaled_linear",
     steps_offset=1,
-    final_sigmas_type="sigma_min",  # the original's sampler (SPEC 1b)
+    final_sigmas_type="sigma_min",  # the paper's sampler (docs/method.md#sampler)
 )
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -4,7 +4,7 @@ One checkpoint = a step directory holding `state` (the `TrainState` leaves: step
 EMA and its update count, the raw RNG key data) and `data` (JSON: where the prompt stream stands, e.g.
 {"epoch": 3, "index_in_epoch": 17, "shuffle_seed": 5992}; any JSON-able dict).
 
-Retention as in the original (SPEC 3): a temporary checkpoint every `every_steps` steps of which the
+Retention as in the paper's code (docs/method.md#hyper-parameters-experiment-5): a temporary checkpoint every `every_steps` steps of which the
 newest `keep` survive, and a permanent one at every multiple of `permanent_every_steps`, never deleted.
 Orbax expresses this directly: save at multiples of `every_steps` (plus when a TPU preemption notice
 arrives) and preserve a checkpoint if it is among the newest `keep` OR its step is a multiple of
@@ -17,10 +17,18 @@ copy happens before `save` returns, the file writing in the background): use `Ch
 manager, or call `close()`, so the last save is finished before the process exits. With several
 processes every process calls `save`/`restore` and the directory must be shared (e.g. gs://, which
 needs `gcsfs`).
+
+Failures say what went wrong in one line: a background save that failed (disk full) raises CheckpointError with
+its cause at the next `save` or at `close`, so the run stops instead of training on without checkpoints; a
+newest checkpoint that cannot be read (damaged files, a deleted manifest) is skipped by `restore_newest_intact`,
+which restores the newest one that reads, warns naming what was wrong, and moves the damaged ones aside
+(<directory>_damaged/<step>) so that the resumed run can save those steps again.
 """
 
+import shutil
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -41,6 +49,16 @@ def abstract_like(tree: Any, sharding: Optional[jax.sharding.Sharding] = None) -
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target)
 
     return jax.tree.map(abstract, tree)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or no checkpoint could be restored; the message gives the cause."""
+
+
+def cause(error: BaseException) -> str:
+    """'Type: first line of the message' of an exception (orbax's messages run over many lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _step_of(state: TrainState) -> int:
@@ -73,6 +91,7 @@ class Checkpointer:
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(preserve_policies),
             enable_async_checkpointing=async_save,
         )
+        self.directory = directory
         self._manager = ocp.CheckpointManager(directory, options=options)
 
     def should_save(self, step: int) -> bool:
@@ -86,13 +105,17 @@ class Checkpointer:
         forced save may coincide with a regular one). Call on every process, after every training step.
         """
         step = _step_of(state)
-        if step in self._manager.all_steps():
-            return False
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_position))),
-            force=force,
-        )
+        try:
+            self._manager.check_for_errors()  # an earlier background save that failed stops the run here
+            if step in self._manager.all_steps():
+                return False
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_position))),
+                force=force,
+            )
+        except Exception as e:  # orbax reports write failures as ValueError/OSError/XlaRuntimeError, by backend
+            raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {cause(e)}") from e
 
     def all_steps(self) -> list[int]:
         """Steps with a finished checkpoint, ascending."""
@@ -110,6 +133,46 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["data"])
 
+    def restore_newest_intact(self, abstract_state: TrainState) -> Optional[tuple[int, TrainState, dict[str, Any]]]:
+        """(step, state, data position) of the newest checkpoint that restores, or None when there is none.
+
+        Each newer one that fails is named in a one-line warning and, once an older one has restored, moved to
+        <directory>_damaged/<step>. When none restores, CheckpointError lists every step's cause and nothing is
+        moved (a wrong `abstract_state` fails them all, and must not cost the run its checkpoints).
+        """
+        damaged = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, position = self.restore(step, abstract_state)
+            except Exception as e:  # orbax raises whatever its storage layer met: ValueError, OSError, JSONDecodeError, ...
+                damaged.append((step, cause(e)))
+                print(f"warning: checkpoint {step} in {self.directory} cannot be read ({cause(e)}); trying an older one",
+                      file=sys.stderr)
+                continue
+            self._set_aside([step for step, _ in damaged])
+            return step, state, position
+        if damaged:
+            listed = "; ".join(f"step {step}: {why}" for step, why in damaged)
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({listed})")
+        return None
+
+    def _set_aside(self, steps: Sequence[int]) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = Path(self.directory).with_name(Path(self.directory).name + "_damaged")
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.move(str(Path(self.directory) / str(step)), target)
+                print(f"warning: moved damaged checkpoint {step} to {target}", file=sys.stderr)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self._manager.reload()
+
     def restore_latest(self, abstract_state: TrainState) -> Optional[tuple[TrainState, dict[str, Any]]]:
         """The newest checkpoint as (state, data position), or None when there is none."""
         step = self.latest_step()
@@ -120,15 +183,30 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
+        """Waits for pending saves and releases the manager; CheckpointError if a pending save failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._close_quietly()
+            raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {cause(e)}") from e
         self._manager.close()
+
+    def _close_quietly(self) -> None:
+        # Joins orbax's background threads even after a failed save: left running, they die at interpreter
+        # shutdown with tracebacks that bury the real cause.
+        try:
+            self._manager.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the exception on its way out says what happened; a second one from closing would hide it
+            self._close_quietly()
 
 
 def restore_latest(directory: str | Path, abstract_state: TrainState) -> Optional[tuple[TrainState, dict[str, Any]]]:

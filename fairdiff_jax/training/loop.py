@@ -1,4 +1,4 @@
-"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (SPEC 5).
+"""Debias Stable Diffusion by LoRA-finetuning with the distributional alignment loss (docs/method.md).
 
     python -m fairdiff_jax.train --config configs/debias_text_encoder.py --workdir workdirs/te [--resume] \\
         [--config.train.micro_batch_size=2 ...]
@@ -15,9 +15,17 @@ eval/step_<N>/<weights>/prompt_<i>.jpg (annotated grids per validation prompt), 
 --resume continues from the newest checkpoint (LoRA, EMA, optimizer state, step, data position); everything
 random is a function of (seed, step), so a resumed run ends with the same LoRA as an uninterrupted one.
 Without --resume, a workdir that already holds checkpoints is refused.
+
+What goes wrong is stopped, not carried along (README, "What happens when things go wrong"): config numbers are
+checked before anything loads (exit 2); workdir/train.lock keeps a second run out (exit 2, naming the other
+process); --resume refuses config values that differ from config.json unless --allow_config_change, falls back
+to the newest checkpoint that reads (warning; damaged ones go to checkpoints_damaged/), and drops the metrics
+lines it will log again; config.train.max_bad_steps non-finite or skipped steps in a row stop the run (exit 1) and
+a NaN state is never checkpointed; a failed checkpoint save stops the run with its cause (exit 1).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fairdiff_jax import attributes as attributes_lib
-from fairdiff_jax import config_cli, prompts
+from fairdiff_jax import config_checks, config_cli, prompts
 from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import from_config as eval_setup
 from fairdiff_jax.eval import grids as grids_lib
@@ -40,8 +48,10 @@ from fairdiff_jax.eval import periodic
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.sd.clip_text import load_clip_text
 from fairdiff_jax.sd.loader import load_stable_diffusion
-from fairdiff_jax.training import checkpoints, optim, parallel
+from fairdiff_jax.training import checkpoints, health, optim, parallel
+from fairdiff_jax.training import workdir as workdir_lib
 from fairdiff_jax.training import step as debias_step
+from fairdiff_jax.training.stages import Stages
 
 
 class InputError(ValueError):
@@ -52,11 +62,13 @@ class InputError(ValueError):
 
 
 def parse_args(argv: Sequence[str]):
-    """-> (config, workdir Path, resume). `--config.*` arguments go to config_cli, the rest here."""
+    """-> (config, workdir Path, resume, allow_config_change). `--config.*` arguments go to config_cli, the rest here."""
     parser = argparse.ArgumentParser(prog="python -m fairdiff_jax.train", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="run folder (default: config.workdir)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the workdir")
+    parser.add_argument("--allow_config_change", action="store_true",
+                        help="with --resume: continue although config values differ from the run's config.json")
     args, config_args = parser.parse_known_args(list(argv[1:]))
     try:
         config, positional = config_cli.parse_config_args([argv[0]] + config_args)
@@ -64,7 +76,9 @@ def parse_args(argv: Sequence[str]):
         raise InputError(str(e)) from e
     if positional:
         raise InputError(f"unexpected arguments: {positional}")
-    return config, args.workdir or Path(config.workdir), args.resume
+    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+        raise InputError(f"--workdir {args.workdir} is a file, not a folder")
+    return config, args.workdir or Path(config.workdir), args.resume, args.allow_config_change
 
 
 def load_prompt_lists(config) -> tuple[list[str], list[str]]:
@@ -79,14 +93,12 @@ def load_prompt_lists(config) -> tuple[list[str], list[str]]:
 def check_inputs(config) -> tuple[list[str], list[str]]:
     """Every check that needs no device: asset files, prompt files, the numbers' consistency."""
     try:
+        config_checks.check_numbers(config)
         judges_lib.check_asset_files(config)
         eval_setup.check_eval_assets(config)
         train_prompts, val_prompts = load_prompt_lists(config)
     except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
-    t = config.train
-    if not 1 <= t.min_denoising_steps <= t.max_denoising_steps:
-        raise InputError(f"config.train.min_denoising_steps/max_denoising_steps = {t.min_denoising_steps}/{t.max_denoising_steps}")
     if not train_prompts:
         raise InputError("config.data.prompt_repeats leaves no training prompt")
     return train_prompts, val_prompts
@@ -153,6 +165,9 @@ class MetricsWriter:
         if self.active:
             # clu imports TensorFlow, whose C++ start-up chatter (oneDNN notices) would bury the progress bar.
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            # Keras (imported by TensorFlow) writes its keras.json settings file under KERAS_HOME, else ~/.keras:
+            # keep it inside the run's folder rather than the user's home.
+            os.environ.setdefault("KERAS_HOME", str(workdir / "tensorboard" / ".keras"))
             try:
                 from clu import metric_writers
             except ImportError:
@@ -198,17 +213,48 @@ def next_position(epoch: int, index: int, num_prompts: int) -> dict:
     return {"epoch": epoch, "index": index + 1} if index + 1 < num_prompts else {"epoch": epoch + 1, "index": 0}
 
 
-def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_prompts: list[str]) -> optim.TrainState:
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh()
+# bool [] on device: the LoRA is finite (one compiled reduction instead of one dispatch per leaf).
+_all_finite = jax.jit(optim.all_finite)
 
-    sd, judges, judge_variables = load_models(config)
+
+def _host_bool(x: jax.Array) -> bool:
+    return bool(np.asarray(x.addressable_data(0)))
+
+
+def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_prompts: list[str],
+          allow_config_change: bool = False) -> optim.TrainState:
+    parallel.initialize_distributed()
+    # One run per workdir: a second one would delete this one's temporary checkpoints and interleave its metrics.
+    with workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, workdir, resume, allow_config_change, train_prompts, val_prompts)
+
+
+def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train_prompts: list[str],
+           val_prompts: list[str]) -> optim.TrainState:
+    c = config.ckpt
+    checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
+                                            permanent_every_steps=c.permanent_every_steps)
+    config_json = config.to_json_best_effort(indent=2)
+    if checkpointer.latest_step() is not None:
+        if not resume:
+            raise InputError(f"{workdir / 'checkpoints'} holds checkpoints {checkpointer.all_steps()}: pass --resume or use a new --workdir")
+        if jax.process_index() == 0:
+            try:
+                workdir_lib.check_resumed_config(workdir, config_json, allow_config_change)
+            except workdir_lib.ConfigChangedError as e:
+                raise InputError(str(e)) from e
+
+    mesh = parallel.make_mesh()
+    try:  # a truncated weight file or a classifier of the wrong shape is the user's to fix: one line, exit 2
+        sd, judges, judge_variables = load_models(config)
+        detector = judges_lib.make_detector(config)
+    except (OSError, ValueError) as e:
+        raise InputError(str(e)) from e
     for notice in device_notice(list(mesh.devices.flat), sd.image_size):
         if notice and jax.process_index() == 0:
             print(notice, file=sys.stderr)
-    detector = judges_lib.make_detector(config)
-    settings = debias_step.settings_from_config(config)
-    stages = debias_step.Stages(sd, judges, settings, mesh, detector)
+    stages = Stages(sd, judges, config, mesh, detector)
+    train_step = debias_step.make_train_step(stages)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     evaluation = periodic.PeriodicEvaluation(config, stages, frozen)
 
@@ -219,24 +265,22 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
     tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, config.seed), mesh)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    c = config.ckpt
-    checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
-                                            permanent_every_steps=c.permanent_every_steps)
     position = {"epoch": 0, "index": 0}
-    if checkpointer.latest_step() is not None:
-        if not resume:
-            raise InputError(f"{workdir / 'checkpoints'} holds checkpoints {checkpointer.all_steps()}: pass --resume or use a new --workdir")
-        state, position = checkpointer.restore(checkpointer.latest_step(), checkpoints.abstract_like(state))
-        print(f"resumed from step {checkpointer.latest_step()} at prompt position {position}", file=sys.stderr)
+    restored = checkpointer.restore_newest_intact(checkpoints.abstract_like(state)) if resume else None
+    if restored is not None:
+        step, state, position = restored
+        print(f"resumed from step {step} at prompt position {position}", file=sys.stderr)
+    start = int(np.asarray(state.step.addressable_data(0)))
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "config.json").write_text(config_json)
+        workdir_lib.trim_metrics(workdir / "metrics.jsonl", start)  # the steps after `start` are logged again
     writer = MetricsWriter(workdir)
 
-    start = int(np.asarray(state.step.addressable_data(0)))
     prompt_stream = prompts.iterate_prompts(train_prompts, config.data.shuffle_seed, position["epoch"], position["index"])
     t = config.train
-    with checkpointer, tqdm(total=t.max_steps, initial=start, desc="train", disable=jax.process_index() != 0) as bar:
+    guard, healthy = health.BadStepGuard(t.max_bad_steps), True
+    with checkpointer, contextlib.closing(writer), tqdm(total=t.max_steps, initial=start, desc="train",
+                                                        disable=jax.process_index() != 0) as bar:
         for step in range(start, t.max_steps):
             if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
                 weight_sets = {"current": state.params, **({"ema": state.ema_params} if config.eval.ema else {})}
@@ -245,8 +289,8 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
             epoch, index, prompt = next(prompt_stream)
             num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
             key = debias_step.step_key(state.rng, step)
-            prepared = stages.prepare(state.params, frozen, prompt, num_steps, step, key)
-            state, step_metrics = stages.train_step(state, stages.shared(frozen, prepared), prepared.inputs, key)
+            prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, key)
+            state, step_metrics = train_step(state, prepared.constants, prepared.batch, key)
             position = next_position(epoch, index, len(train_prompts))
 
             logged = debias_step.logged_terms(step_metrics["aux"])
@@ -264,23 +308,31 @@ def train(config, workdir: Path, resume: bool, train_prompts: list[str], val_pro
                 writer.write_image(step + 1, "train/grid", grid)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", **gaps)
             bar.update(1)
-            checkpointer.save(state, position)
-        checkpointer.save(state, position, force=True)
-    writer.close()
+            healthy = guard.update(step + 1, logged["loss"], bool(logged["skipped"]), _host_bool(_all_finite(state.params)))
+            if healthy:  # a NaN state is never checkpointed: the newest checkpoint stays one to resume from
+                checkpointer.save(state, position)
+        if healthy:
+            checkpointer.save(state, position, force=True)
+        else:
+            print(f"warning: the last step's state is not finite: no checkpoint of step {t.max_steps} "
+                  f"(the newest is {checkpointer.latest_step()})", file=sys.stderr)
     return state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
-        config, workdir, resume = parse_args(argv)
+        config, workdir, resume, allow_config_change = parse_args(argv)
         train_prompts, val_prompts = check_inputs(config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(config, workdir, resume, train_prompts, val_prompts)
-    except InputError as e:
+        train(config, workdir, resume, train_prompts, val_prompts, allow_config_change)
+    except (InputError, workdir_lib.WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (health.TrainingError, checkpoints.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -1,6 +1,6 @@
 """The trainable state, AdamW, the EMA of the LoRA parameters, and the update that skips non-finite steps.
 
-What the original does (SPEC 3; its training loop with torch AdamW and diffusers 0.19.3 `EMAModel`):
+What the paper's code does (docs/method.md#hyper-parameters-experiment-5; its training loop with torch AdamW and diffusers 0.19.3 `EMAModel`):
 
   - AdamW, lr 5e-5 constant, betas (0.9, 0.999), eps 1e-8, weight decay 1e-2 on every LoRA factor,
     no gradient clipping. `optax.adamw` is the same update: torch multiplies p by (1 - lr * wd) and then
@@ -21,9 +21,8 @@ What the original does (SPEC 3; its training loop with torch AdamW and diffusers
     The loop's `global_step` still advances (it counts prompts consumed: data position, checkpoint and
     evaluation cadence all follow it), and so does `TrainState.step` here.
 
-    One fix: the original tested finiteness on each GPU's local gradient before the all-reduce, so a
-    NaN on one GPU could be stepped into the others' weights; here the test is on the final, global
-    gradient, the same on every device.
+    Finiteness is tested on the final, global gradient, the same on every device
+    (docs/method.md#differences-from-the-papers-code).
 """
 
 from typing import Any

@@ -71,7 +71,7 @@ def initialize_distributed(multi_process: Optional[bool] = None) -> bool:
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:
-    """A 1-D mesh with axis 'data' over all devices of all processes (Auto axis type, see JAX-NOTES)."""
+    """A 1-D mesh with axis 'data' over all devices of all processes (Auto axis type: shardings propagate through jit)."""
     if devices is None:
         devices = jax.devices()
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
@@ -119,6 +119,21 @@ def shard_batch(host_local_tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, host_local_tree)
 
 
+def shard_global(whole_batch_tree: Any, mesh: Mesh) -> Any:
+    """Whole-batch host arrays [B, ...] (the same on every process) -> global arrays split over 'data'.
+
+    Each process places only the rows of its own devices, so nothing crosses hosts (e.g. the face boxes and
+    the OT targets every host computed for the whole batch).
+    """
+    sharding = data_sharded(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, whole_batch_tree)
+
+
 def host_local(tree: Any, mesh: Mesh) -> Any:
     """This process's rows of data-sharded global arrays, as numpy (e.g. images for face detection)."""
     local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(DATA_AXIS))
@@ -160,10 +175,9 @@ def make_grad_fn(loss_fn: LossFn, mesh: Mesh, micro_batch_size: int) -> Callable
     sums; one psum over 'data' then adds the devices' sums. When the per-device count is not a multiple
     of `micro_batch_size`, the last micro-batch is filled with copies of the last example whose losses
     are masked out (one compiled shape; the copies cost compute, not correctness).
-    The original instead averaged micro-batch means, which weights the examples of a short last
-    micro-batch more (e.g. 20 images in micro-batches of 3: 6 x 3 + 1 x 2); identical when it divides.
+    (The paper's code averaged micro-batch means: docs/method.md#differences-from-the-papers-code.)
 
-    Gradient trap (JAX-NOTES): inside shard_map the gradient w.r.t. a replicated input is already summed
+    Gradient trap: inside shard_map the gradient w.r.t. a replicated input is already summed
     over devices, so a pmean after it would not average. Here the params are first cast to
     device-varying, so each device's gradient is its own, and the one explicit psum is the only sum.
     Returns grads replicated, per-example losses [B] and aux [B, ...] split over 'data'.

@@ -1,108 +1,41 @@
-"""One debiasing training step (SPEC 5) as jitted device stages and host stages between them.
+"""One debiasing training step (docs/method.md#one-training-step): a host-side `prepare` that builds a typed
+batch, and a pure, module-level loss that the data-parallel gradient step differentiates.
 
-    stages = Stages(sd, judges, settings, mesh)
-    batch  = stages.prepare(state, frozen, prompt, num_steps, step)      # host + device, no gradient:
-        noise -> X (LoRA) and X0 (frozen) images -> faces of both (host, each host its own shard)
-        -> chips, aligned faces, classifier probs of X; preds, probs, CLIP, DINO, face features of X0
-        -> OT targets over the whole batch (host)
-    state, metrics = stages.train_step(state, frozen, batch.inputs, rng) # device, with gradient
+    stages = Stages(sd, judges, config, mesh, detector)            # training/stages.py
+    train_step = make_train_step(stages)
+    prepared = prepare(stages, state.params, frozen, prompt, num_steps, step, key)
+        noise -> X (LoRA) and X0 (frozen) images -> faces of both (host, each host its own rows)
+        -> classifier probs of X; preds, probs, CLIP, DINO, face features of X0 -> OT targets (host)
+    state, metrics = train_step(state, prepared.constants, prepared.batch, key)
+    logged = logged_terms(metrics["aux"])                            # every loss term, computed once
 
 The global batch is the B = images_per_prompt images of one prompt, split over the mesh's 'data' axis.
 Everything random is a function of (seed, step), never of the device layout: the noise of image i is
 normal(fold_in(step_key, i)) with step_key = fold_in(the run's base key TrainState.rng, step); the OT draws
 use numpy's default_rng([seed, step]); the denoising-step count default_rng([seed, step, 1]).
 
-The gradient stage differentiates X's sampling the adjusted-DFT way (DFT_GRADIENTS: from the latents the
-no-gradient pass stored, or by regenerating X; merged LoRA for the UNet and/or the text encoder; with a
-text-encoder LoRA the prompt is re-encoded inside the loss so the gradient reaches it), reuses the faces found
-on the no-gradient X (the same images), and sums per image: the fairness
-cross-entropies, weight_img * w_i * ((1 - cos CLIP) + (1 - cos DINO)) with the face-region gradient scale
-on the CLIP/DINO path only, and weight_face * the face-realism term (alignment.alignment_loss).
-
-Text is padded to the tokenizer's maximum length (77) with a context mask (stable_diffusion), so each stage
-compiles once per denoising-step count, whatever the prompt.
+`debias_loss` differentiates X's sampling the adjusted-DFT way (so the gradient reaches the LoRA of the UNet and/or
+the text encoder; config.train.dft_gradient: from the latents the no-gradient pass stored, or by regenerating X),
+reuses the faces found on the no-gradient X (the same images), and returns the per-image
+loss of `alignment.alignment_loss` with its per-image terms for the log.
 """
 
-import dataclasses
+import functools
 import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
+from flax import struct
 
 from fairdiff_jax.judging import crops
 from fairdiff_jax.judging import detection as detection_lib
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.sd import lora as lora_lib
 from fairdiff_jax.sd import sampler
-from fairdiff_jax.sd.loader import StableDiffusion, encode_text, tokenize_prompt_pair
-from fairdiff_jax.training import alignment, parallel
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The static numbers of a step (from the config; `settings_from_config`)."""
-
-    seed: int
-    images_per_prompt: int
-    micro_batch_size: int
-    generation_batch_size: int
-    guidance_scale: float
-    train_text_encoder: bool
-    train_unet: bool
-    size_face: int
-    size_aligned_face: int
-    expand_coef: float
-    factor1: tuple[float, ...]  # per debiased attribute
-    factor2: tuple[float, ...]
-    weight_img: float
-    weight_face: float
-    confidence_level: float
-    uncertainty_threshold: float
-    ot_num_samples: int
-    target_marginals: tuple[tuple[float, ...], ...]
-    dft_gradient: str = "stored_trajectory"  # or "rerun" (DFT_GRADIENTS)
-
-
-# How the gradient stage differentiates the sampler (config.train.dft_gradient):
-#   "stored_trajectory": from the latents the no-gradient pass with the LoRA stored (sampler.images_from_trajectory):
-#     per denoising step one VJP of the UNet call at its stored input, no forward re-run of the chain;
-#   "rerun": sampler.sample_images_adjusted regenerates the images under jax.checkpoint, then differentiates.
-# Same gradients (tests/test_stored_trajectory.py); "rerun" is kept for comparison.
-DFT_GRADIENTS = ("stored_trajectory", "rerun")
-
-
-def settings_from_config(config) -> Settings:
-    attributes = tuple(config.target.attributes)
-    _, _, expand_coef = judges_lib.detector_spec(config)
-    dft_gradient = str(config.train.dft_gradient)
-    if dft_gradient not in DFT_GRADIENTS:
-        raise ValueError(f"config.train.dft_gradient = {dft_gradient!r}: expected one of {DFT_GRADIENTS}")
-    return Settings(
-        seed=int(config.seed),
-        images_per_prompt=int(config.train.images_per_prompt),
-        micro_batch_size=int(config.train.micro_batch_size),
-        generation_batch_size=int(config.train.generation_batch_size),
-        guidance_scale=float(config.model.guidance_scale),
-        train_text_encoder=bool(config.lora.train_text_encoder),
-        train_unet=bool(config.lora.train_unet),
-        size_face=int(config.faces.size_face),
-        size_aligned_face=int(config.faces.size_aligned_face),
-        expand_coef=expand_coef,
-        factor1=tuple(float(config.loss.factor1[a]) for a in attributes),
-        factor2=tuple(float(config.loss.factor2[a]) for a in attributes),
-        weight_img=float(config.loss.weight_img),
-        weight_face=float(config.loss.weight_face),
-        confidence_level=float(config.loss.confidence_level),
-        uncertainty_threshold=float(config.loss.uncertainty_threshold),
-        ot_num_samples=int(config.loss.ot_num_samples),
-        target_marginals=tuple(tuple(float(v) for v in config.target.marginals[a]) for a in attributes),
-        dft_gradient=dft_gradient,
-    )
-
+from fairdiff_jax.sd.loader import StableDiffusion
+from fairdiff_jax.training import alignment, ot_targets, parallel
+from fairdiff_jax.training.stages import Stages, Text, encode_prompt, merged
 
 # ---- the LoRA and the frozen weights --------------------------------------------------------------------
 
@@ -126,284 +59,201 @@ def frozen_weights(sd: StableDiffusion, judge_variables: dict) -> dict:
     return {"unet": sd.unet_params, "vae": sd.vae_params, "text_encoder": sd.text_encoder_params, "judges": judge_variables}
 
 
-def merged(frozen: dict, lora: dict, part: str) -> Any:
-    """The frozen params of `part` ('unet' / 'text_encoder') with its LoRA merged when there is one."""
-    return lora_lib.merge(frozen[part], lora[part]) if part in lora else frozen[part]
+# ---- what the gradient stage gets ---------------------------------------------------------------------------
 
 
-class Text(NamedTuple):
-    """A prompt tokenized at the fixed length T (replicated arrays): input_ids, attention_mask [2, T] int32
-    (row 0 the empty negative prompt), context_mask [1, T] int32."""
+@struct.dataclass
+class StepBatch:
+    """The per-image inputs of the gradient stage: leading axis B (the images of one prompt), split over 'data'.
+    X are the LoRA model's images, X0 the frozen model's from the same noises; A debiased attributes.
 
-    input_ids: Any
-    attention_mask: Any
-    context_mask: Any
+    noise:            [B, h, w, 4] float32, the initial latents of X and X0.
+    found:            [B] bool, X has a face.
+    boxes:            [B, 4] X's face box [x_min, y_min, x_max, y_max] in pixels (-1 without a face).
+    crop_boxes:       [B, 4] float, the square classifier crop around `boxes`.
+    chip_from_image:  [B, 2, 3] float, the similarity transform aligning X's face (for the face features).
+    targets:          [B, A] int32, the OT target class per attribute, -1 for none.
+    original_preds:   [B, A] int32, X0's predicted class per attribute, -1 without a face.
+    original_probs:   per attribute [B, K_a] float32, X0's class probabilities.
+    original_found:   [B] bool, X0 has a face.  original_boxes: [B, 4] its box.
+    original_clip, original_dino: [B, D] X0's CLIP / DINOv2 image features; original_face: [B, D] its face
+                      feature (zeros without a face).
+    final_latents:    [B, h, w, 4] float32, X's latents before the decode, and
+    trajectory:       [B, n, h, w, 4] float32, the latents each denoising step of X started from: with
+                      config.train.dft_gradient = "stored_trajectory" (~55 MB for 40 images x 21 steps), else None.
+    """
+
+    noise: jax.Array
+    found: jax.Array
+    boxes: jax.Array
+    crop_boxes: jax.Array
+    chip_from_image: jax.Array
+    targets: jax.Array
+    original_preds: jax.Array
+    original_probs: tuple
+    original_found: jax.Array
+    original_boxes: jax.Array
+    original_clip: jax.Array
+    original_dino: jax.Array
+    original_face: jax.Array
+    final_latents: jax.Array | None = None
+    trajectory: jax.Array | None = None
 
 
-# ---- the batch the gradient stage gets ------------------------------------------------------------------
+class StepConstants(NamedTuple):
+    """The replicated inputs of the gradient stage: the frozen weights, the prompt and the step's schedule
+    (`sampler.make_schedule`) with its adjusted-DFT gradient scales [num_steps]."""
+
+    frozen: dict
+    text: Text
+    schedule: sampler.Schedule
+    gradient_scales: jax.Array
 
 
 class Prepared(NamedTuple):
-    """What the no-gradient stages found; `inputs` is the gradient stage's batch ([B, ...], split over 'data')."""
+    """One step's prepared inputs and what the log shows (numpy, whole batch on every host)."""
 
-    inputs: dict
-    text: Text
-    num_steps: int
-    images: np.ndarray  # X [B, H, W, 3], whole batch on every host (logging)
-    original_images: np.ndarray
-    detections: detection_lib.FaceDetections  # faces of X, whole batch
+    batch: StepBatch
+    constants: StepConstants
+    images: np.ndarray  # X [B, H, W, 3] in [-1, 1]
+    original_images: np.ndarray  # X0
+    detections: detection_lib.FaceDetections  # faces of X
     original_detections: detection_lib.FaceDetections
-    probs: list  # per attribute [B, K_a] numpy, of X
+    probs: list  # per attribute [B, K_a], of X
     original_probs: list
-    targets: alignment.OTTargets
+    targets: ot_targets.OTTargets
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+def prepare(
+    stages: Stages, lora: dict, frozen: dict, prompt: str, num_steps: int, step: int, key: jax.Array,
+    timings: dict | None = None,
+) -> Prepared:
+    """The no-gradient part of global step `step` (docs/method.md#one-training-step): the gradient stage's
+    batch and constants, and what to log.
+
+    key: the step's key (`step_key`); the noises are drawn from it, the OT labels from (seed, step).
+    timings: if given, filled with the seconds of 'sampling', 'faces' (detection, chips, classifier and
+    CLIP / DINO / face features of X0) and 'ot' (each part waits for its results: benchmarks only).
+    """
+    config, mesh = stages.config, stages.mesh
+    clock = _Clock(timings)
+    text = stages.tokenize(prompt)
+    schedule = sampler.make_schedule(stages.sd.scheduler_config, num_steps)
+    gradient_scales = sampler.dft_gradient_scales(stages.sd.scheduler_config, schedule)
+    constants = StepConstants(frozen, text, *parallel.replicate((schedule, gradient_scales), mesh))
+    noise = stages.noise(key, config.train.images_per_prompt)
+    chunk = config.train.generation_batch_size
+    stored = config.train.dft_gradient == "stored_trajectory"
+    images = stages.generate(lora, frozen, text, constants.schedule, noise, chunk, keep_trajectory=stored)
+    images, *trajectory = images if stored else (images,)  # [final latents, trajectory] or []
+    original_images = stages.generate({}, frozen, text, constants.schedule, noise, chunk)
+    clock.lap("sampling", (images, original_images))
+    detections, transforms = stages.detect(images)
+    original_detections, original_transforms = stages.detect(original_images)
+    probs, original_probs, original_features = stages.judge(
+        frozen, images, original_images, detections, original_detections, original_transforms
+    )
+    probs, original_probs = ([np.asarray(p) for p in ps] for ps in parallel.gather_to_hosts((probs, original_probs)))
+    clock.lap("faces", original_features)
+
+    targets = ot_targets.optimal_transport_targets(
+        probs, detections.found, np.random.default_rng([config.seed, step]), config.loss.ot_num_samples,
+        config.loss.uncertainty_threshold, [config.target.marginals[a] for a in stages.judges.attributes],
+    )
+    clock.lap("ot")
+    original_preds = [np.where(original_detections.found, p.argmax(-1), ot_targets.NO_TARGET) for p in original_probs]
+    host_batch = dict(
+        found=detections.found,
+        boxes=detections.boxes,
+        crop_boxes=np.asarray(crops.square_boxes(detections.boxes, stages.expand_coef)),
+        chip_from_image=transforms,
+        targets=np.stack(targets.targets, axis=1).astype(np.int32),
+        original_preds=np.stack(original_preds, axis=1).astype(np.int32),
+        original_probs=tuple(p.astype(np.float32) for p in original_probs),
+        original_found=original_detections.found,
+        original_boxes=original_detections.boxes,
+    )
+    batch = StepBatch(
+        noise=noise, **parallel.shard_global(host_batch, mesh),
+        **{f"original_{name}": value for name, value in original_features.items()}, **dict(zip(("final_latents", "trajectory"), trajectory)),
+    )
+    images, original_images = (np.asarray(x) for x in parallel.gather_to_hosts((images, original_images)))
+    return Prepared(batch, constants, images, original_images, detections, original_detections, probs, original_probs, targets)
 
 
-class Stages:
-    """The jitted stages of a step for one model set and mesh (compiled lazily, once per step count)."""
+# ---- the gradient stage ------------------------------------------------------------------------------------
 
-    def __init__(self, sd: StableDiffusion, judges: judges_lib.Judges, settings: Settings, mesh: Mesh, detector):
-        self.sd = sd
-        self.judges = judges
-        self.settings = settings
-        self.mesh = mesh
-        self.detector = detector
-        self.num_devices = mesh.shape[parallel.DATA_AXIS]
-        if settings.images_per_prompt % self.num_devices:
-            raise ValueError(
-                f"config.train.images_per_prompt = {settings.images_per_prompt} does not split over {self.num_devices} devices"
-            )
-        self.text_length = sd.tokenizer.model_max_length
-        self._noise = jax.jit(self._noise_fn, static_argnums=(1,), out_shardings=parallel.data_sharded(mesh))
-        self._generate = jax.jit(self._generate_fn, static_argnames=("chunk", "keep_trajectory"))
-        self._judge = jax.jit(self._judge_fn)
-        self._probs = jax.jit(self._probs_fn)
-        self.train_step = parallel.make_train_step(self._loss_fn, mesh, settings.micro_batch_size)
 
-    # -- host helpers ------------------------------------------------------------------------------------
-
-    def tokenize(self, prompt: str) -> Text:
-        ids, attention, context = tokenize_prompt_pair(self.sd.tokenizer, prompt, pad_to=self.text_length)
-        return Text(*parallel.replicate((ids, attention, context), self.mesh))
-
-    def noise(self, key: jax.Array, batch_size: int) -> jax.Array:
-        """[batch_size, h, w, 4] float32 split over 'data'; row i = normal(fold_in(key, i)) whatever the mesh."""
-        return self._noise(key, batch_size)
-
-    def _noise_fn(self, key, batch_size):
-        shape = self.sd.latent_shape
-        return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(jnp.arange(batch_size))
-
-    def detect(self, images: jax.Array) -> tuple[detection_lib.FaceDetections, np.ndarray]:
-        """Faces of data-sharded images, each host detecting its own rows; -> (whole-batch detections,
-        chip_from_image [B, 2, 3]) as numpy on every host."""
-        local = self.detector.detect(parallel.host_local(images, self.mesh))
-        local_transforms = crops.similarity_transforms(local.landmarks, local.found)
-        gathered = parallel.gather_to_hosts((dataclasses.astuple(local), local_transforms))
-        fields, transforms = gathered
-        return detection_lib.FaceDetections(*[np.asarray(f) for f in fields]), np.asarray(transforms)
-
-    # -- device stages -----------------------------------------------------------------------------------
-
-    def _encode(self, text_encoder_params, text: Text):
-        hidden = encode_text(self.sd.text_encoder, text_encoder_params, text.input_ids, text.attention_mask)
-        return hidden[1:], hidden[:1]
-
-    def _sample(self, unet_params, text_encoder_params, frozen, text, schedule, noise, chunk, keep_trajectory):
-        """Images of noise [b, ...] in lax.map chunks of `chunk` (bounds the sampler's memory); with keep_trajectory
-        (images, final latents, trajectory) as sampler.sample_images_and_trajectory returns them."""
-        cond, uncond = self._encode(text_encoder_params, text)
-        sample = sampler.sample_images_and_trajectory if keep_trajectory else sampler.sample_images
-
-        def one(chunk_noise):
-            return sample(
-                self.sd.unet, unet_params, self.sd.vae, frozen["vae"], schedule, chunk_noise, cond, uncond,
-                self.settings.guidance_scale, text.context_mask,
-            )
-
-        b = noise.shape[0]
-        outputs = jax.lax.map(one, noise.reshape((b // chunk, chunk) + noise.shape[1:]))
-        return jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), outputs)
-
-    def _generate_fn(self, lora, frozen, text, schedule, noise, chunk, keep_trajectory=False):
-        """-> images of `lora` (a dict with the trained parts, {} for the frozen model), split over 'data'."""
-
-        def per_device(lora, frozen, text, schedule, noise):
-            unet_params = merged(frozen, lora, "unet")
-            text_encoder_params = merged(frozen, lora, "text_encoder")
-            return self._sample(unet_params, text_encoder_params, frozen, text, schedule, noise, chunk, keep_trajectory)
-
-        return jax.shard_map(
-            per_device, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(parallel.DATA_AXIS)), out_specs=P(parallel.DATA_AXIS)
-        )(lora, frozen, text, schedule, noise)
-
-    def generate(self, lora: dict, frozen: dict, text: Text, schedule: sampler.Schedule, noise: jax.Array, chunk: int,
-                 keep_trajectory: bool = False):
-        """Images [B, H, W, 3] in [-1, 1] of `lora` ({} = frozen), no gradient, split over 'data'; with keep_trajectory
-        (images, final latents [B, h, w, 4], trajectory [B, n, h, w, 4]) for the stored-trajectory gradient."""
-        local = noise.shape[0] // self.num_devices
-        return self._generate(lora, frozen, text, schedule, noise, chunk=_largest_divisor_at_most(local, chunk),
-                              keep_trajectory=keep_trajectory)
-
-    def _chips(self, images, boxes, found):
-        crop_boxes = crops.square_boxes(boxes, self.settings.expand_coef)
-        return crops.face_chips(images, crop_boxes, found, self.settings.size_face)
-
-    def _probs_fn(self, judge_vars, images, boxes, found):
-        return judges_lib.attribute_probs(self.judges, judge_vars, self._chips(images, boxes, found))
-
-    def attribute_probs(self, frozen: dict, images: jax.Array, detections: detection_lib.FaceDetections) -> list[np.ndarray]:
-        """Classifier probabilities of the largest faces, per attribute [B, K_a] numpy (whole batch)."""
-        boxes, found = _put_global((detections.boxes, detections.found), self.mesh)
-        return [np.asarray(p) for p in parallel.gather_to_hosts(self._probs(frozen["judges"], images, boxes, found))]
-
-    def _judge_fn(self, judge_vars, images, original_images, boxes, found, original_boxes, original_found, original_transforms):
-        probs = self._probs_fn(judge_vars, images, boxes, found)
-        original_probs = self._probs_fn(judge_vars, original_images, original_boxes, original_found)
-        aligned = crops.aligned_faces(original_images, original_transforms, original_found, self.settings.size_aligned_face)
-        features = dict(
-            clip=judges_lib.clip_features(self.judges, judge_vars, original_images),
-            dino=judges_lib.dino_features(self.judges, judge_vars, original_images),
-            face=judges_lib.face_features(self.judges, judge_vars, aligned),
+def debias_loss(lora: dict, constants: StepConstants, batch: StepBatch, rng: jax.Array, *,
+                sd: StableDiffusion, judges: judges_lib.Judges, config):
+    """Per-image loss [m] of a micro-batch and its per-image terms {name: (values [m], present [m])}
+    (`parallel.LossFn`; docs/method.md#the-loss). Pure: the models and `config` only fix static numbers."""
+    del rng  # every random input is in the batch
+    loss_config, attributes = config.loss, judges.attributes
+    frozen, text = constants.frozen, constants.text
+    judge_vars = frozen["judges"]
+    cond, uncond = encode_prompt(sd, merged(frozen, lora, "text_encoder"), text)
+    if config.train.dft_gradient == "stored_trajectory":  # docs/method.md#adjusted-direct-finetuning
+        unet_lora = lora.get("unet", {})
+        images = sampler.images_from_trajectory(
+            sd.unet, lambda unet_lora: merged(frozen, {"unet": unet_lora} if unet_lora else {}, "unet"), unet_lora,
+            sd.vae, frozen["vae"], constants.schedule, constants.gradient_scales, batch.trajectory, batch.final_latents,
+            cond, uncond, config.model.guidance_scale, text.context_mask,
         )
-        return probs, original_probs, features
-
-    # -- one step's no-gradient part -----------------------------------------------------------------------
-
-    def prepare(
-        self, lora: dict, frozen: dict, prompt: str, num_steps: int, step: int, key: jax.Array, timings: dict | None = None
-    ) -> Prepared:
-        """Stages 1-6 of SPEC 5 for global step `step`: the gradient stage's batch and what to log.
-
-        key: the step's key (`step_key`); the noises are drawn from it, the OT labels from (seed, step).
-        timings: if given, filled with the seconds of 'sampling', 'faces' (detection, chips, classifier and
-        CLIP / DINO / SFNet features of X0) and 'ot' (each part waits for its results: benchmarks only).
-        """
-        s = self.settings
-        clock = _Clock(timings)
-        text = self.tokenize(prompt)
-        schedule = parallel.replicate(sampler.make_schedule(self.sd.scheduler_config, num_steps), self.mesh)
-        noise = self.noise(key, s.images_per_prompt)
-        stored = s.dft_gradient == "stored_trajectory"
-        images = self.generate(lora, frozen, text, schedule, noise, s.generation_batch_size, keep_trajectory=stored)
-        if stored:  # the gradient stage differentiates from this run's latents (~55 MB for 40 images x 21 steps)
-            images, final_latents, trajectory = images
-        original_images = self.generate({}, frozen, text, schedule, noise, s.generation_batch_size)
-        clock.lap("sampling", (images, original_images))
-        found_faces, transforms = self.detect(images)
-        found_original, original_transforms = self.detect(original_images)
-        boxes, found, original_boxes, original_found, original_transforms_dev = _put_global(
-            (found_faces.boxes, found_faces.found, found_original.boxes, found_original.found, original_transforms), self.mesh
+    else:  # "rerun": regenerate X under remat
+        images = sampler.sample_images_adjusted(
+            sd.unet, merged(frozen, lora, "unet"), sd.vae, frozen["vae"], constants.schedule,
+            constants.gradient_scales, batch.noise, cond, uncond, config.model.guidance_scale, text.context_mask,
         )
-        probs, original_probs, original_features = self._judge(
-            frozen["judges"], images, original_images, boxes, found, original_boxes, original_found, original_transforms_dev
-        )
-        probs_np = [np.asarray(p) for p in parallel.gather_to_hosts(probs)]
-        original_probs_np = [np.asarray(p) for p in parallel.gather_to_hosts(original_probs)]
-        clock.lap("faces", original_features)
+    found = batch.found
+    targets = [batch.targets[:, a] for a in range(len(attributes))]
+    original_preds = [batch.original_preds[:, a] for a in range(len(attributes))]
+    factor1 = [loss_config.factor1[a] for a in attributes]
+    factor2 = [loss_config.factor2[a] for a in attributes]
 
-        targets = alignment.optimal_transport_targets(
-            probs_np, found_faces.found, np.random.default_rng([s.seed, step]), s.ot_num_samples,
-            s.uncertainty_threshold, s.target_marginals,
-        )
-        clock.lap("ot")
-        original_preds = np.stack(
-            [np.where(found_original.found, p.argmax(-1), alignment.NO_TARGET) for p in original_probs_np], axis=1
-        )
-        crop_boxes = np.asarray(crops.square_boxes(found_faces.boxes, s.expand_coef))
-        host_inputs = dict(
-            crop_boxes=crop_boxes,
-            found=found_faces.found,
-            boxes=found_faces.boxes,
-            chip_from_image=transforms,
-            targets=np.stack(targets.targets, axis=1).astype(np.int32),
-            original_preds=original_preds.astype(np.int32),
-            original_probs=tuple(p.astype(np.float32) for p in original_probs_np),
-            original_boxes=found_original.boxes,
-            original_found=found_original.found,
-        )
-        inputs = dict(_put_global(host_inputs, self.mesh), noise=noise, **{f"original_{k}": v for k, v in original_features.items()})
-        if stored:
-            inputs.update(final_latents=final_latents, trajectory=trajectory)
-        return Prepared(
-            inputs=inputs, text=text, num_steps=num_steps,
-            images=np.asarray(parallel.gather_to_hosts(images)),
-            original_images=np.asarray(parallel.gather_to_hosts(original_images)),
-            detections=found_faces, original_detections=found_original,
-            probs=probs_np, original_probs=original_probs_np, targets=targets,
-        )
+    chips = crops.face_chips(images, batch.crop_boxes, found, config.faces.size_face)
+    logits = judges_lib.attribute_logits(judges, judge_vars, chips)
+    aligned = crops.aligned_faces(images, batch.chip_from_image, found, config.faces.size_aligned_face)
+    face_feats = judges_lib.face_features(judges, judge_vars, aligned)
 
-    def shared(self, frozen: dict, prepared: Prepared) -> dict:
-        """The replicated, per-step inputs of the gradient stage."""
-        schedule = sampler.make_schedule(self.sd.scheduler_config, prepared.num_steps)
-        scales = sampler.dft_gradient_scales(self.sd.scheduler_config, schedule)
-        return dict(
-            frozen=frozen, text=prepared.text,
-            schedule=parallel.replicate(schedule, self.mesh), gradient_scales=parallel.replicate(scales, self.mesh),
-        )
+    image_weights = alignment.dynamic_image_weights(targets, original_preds, found, factor1)
+    region = alignment.face_region_intersection(batch.boxes, batch.original_boxes, found, batch.original_found)
+    region_scale = alignment.face_region_gradient_scale(targets, original_preds, found, factor2)
+    semantics_images = alignment.scale_face_region_gradient(images, region, region_scale)
+    clip_feats = judges_lib.clip_features(judges, judge_vars, semantics_images)
+    dino_feats = judges_lib.dino_features(judges, judge_vars, semantics_images)
 
-    # -- the gradient stage ----------------------------------------------------------------------------------
-
-    def _loss_fn(self, lora, shared, batch, rng):
-        """Per-image loss [m] and per-image logging terms of a micro-batch (parallel.LossFn)."""
-        del rng  # every random input is in the batch
-        s, judges = self.settings, self.judges
-        frozen, text = shared["frozen"], shared["text"]
-        judge_vars = frozen["judges"]
-        cond, uncond = self._encode(merged(frozen, lora, "text_encoder"), text)
-        if s.dft_gradient == "stored_trajectory":
-            unet_lora = lora.get("unet", {})
-            images = sampler.images_from_trajectory(
-                self.sd.unet, lambda unet_lora: merged(frozen, {"unet": unet_lora} if unet_lora else {}, "unet"), unet_lora,
-                self.sd.vae, frozen["vae"], shared["schedule"], shared["gradient_scales"], batch["trajectory"],
-                batch["final_latents"], cond, uncond, s.guidance_scale, text.context_mask,
-            )
-        else:
-            images = sampler.sample_images_adjusted(
-                self.sd.unet, merged(frozen, lora, "unet"), self.sd.vae, frozen["vae"], shared["schedule"],
-                shared["gradient_scales"], batch["noise"], cond, uncond, s.guidance_scale, text.context_mask,
-            )
-        found = batch["found"]
-        targets = [batch["targets"][:, a] for a in range(len(judges.attributes))]
-        original_preds = [batch["original_preds"][:, a] for a in range(len(judges.attributes))]
-
-        chips = crops.face_chips(images, batch["crop_boxes"], found, s.size_face)
-        logits = judges_lib.attribute_logits(judges, judge_vars, chips)
-        aligned = crops.aligned_faces(images, batch["chip_from_image"], found, s.size_aligned_face)
-        face_feats = judges_lib.face_features(judges, judge_vars, aligned)
-
-        image_weights = alignment.dynamic_image_weights(targets, original_preds, found, s.factor1)
-        region = alignment.face_region_intersection(batch["boxes"], batch["original_boxes"], found, batch["original_found"])
-        region_scale = alignment.face_region_gradient_scale(targets, original_preds, found, s.factor2)
-        semantics_images = alignment.scale_face_region_gradient(images, region, region_scale)
-        clip_feats = judges_lib.clip_features(judges, judge_vars, semantics_images)
-        dino_feats = judges_lib.dino_features(judges, judge_vars, semantics_images)
-
-        use_original = alignment.use_original_face_feature(
-            targets, original_preds, batch["original_probs"], s.confidence_level
-        )
-        face_targets = alignment.face_feature_targets(face_feats, batch["original_face"], judge_vars["face_bank"], use_original)
-        per_image, _ = alignment.alignment_loss(
-            logits, targets, found, clip_feats, batch["original_clip"], dino_feats, batch["original_dino"],
-            face_feats, face_targets, image_weights, s.weight_img, s.weight_face, judges.attributes,
-        )
-        return per_image, _per_image_terms(logits, targets, found, clip_feats, batch, dino_feats, face_feats, face_targets, judges.attributes)
+    use_original = alignment.use_original_face_feature(targets, original_preds, batch.original_probs, loss_config.confidence_level)
+    face_targets = alignment.face_feature_targets(face_feats, batch.original_face, judge_vars["face_bank"], use_original)
+    return alignment.alignment_loss(
+        logits, targets, found, clip_feats, batch.original_clip, dino_feats, batch.original_dino,
+        face_feats, face_targets, image_weights, loss_config.weight_img, loss_config.weight_face, attributes,
+    )
 
 
-def _per_image_terms(logits, targets, found, clip_feats, batch, dino_feats, face_feats, face_targets, names) -> dict:
-    """{term: ([m] value, [m] present)} for the log: the same term functions alignment_loss sums."""
-    terms = {}
-    for name, attribute_logits, target in zip(names, logits, targets):
-        terms[f"loss_fair_{name}"] = alignment.fairness_cross_entropy(attribute_logits, target, found)
-    clip_term, dino_term = alignment.image_semantics_terms(clip_feats, batch["original_clip"], dino_feats, batch["original_dino"])
-    everywhere = jnp.ones_like(found)
-    terms["loss_CLIP"] = (clip_term, everywhere)
-    terms["loss_DINO"] = (dino_term, everywhere)
-    terms["loss_face"] = (alignment.face_realism_term(face_feats, face_targets, found), found)
-    return jax.lax.stop_gradient(terms)
+def make_train_step(stages: Stages):
+    """Jitted `train_step(state, constants, batch, rng) -> (state, metrics)` of `debias_loss` over the stages'
+    mesh (`parallel.make_train_step`); metrics["aux"] holds the per-image loss terms."""
+    loss_fn = functools.partial(debias_loss, sd=stages.sd, judges=stages.judges, config=stages.config)
+    return parallel.make_train_step(loss_fn, stages.mesh, stages.config.train.micro_batch_size)
+
+
+def logged_terms(aux: dict) -> dict[str, float]:
+    """Host-side means of the per-image loss terms over the images where each is present (absent ones left out)."""
+    return alignment.term_means(parallel.gather_to_hosts(aux))
+
+
+# ---- keys, step counts, timing ------------------------------------------------------------------------------
+
+
+def step_key(state_rng: jax.Array, step: int) -> jax.Array:
+    """The key of training step `step`: fold_in(the run's base key, from TrainState.rng, step)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+
+
+def denoising_steps_of(seed: int, step: int, min_steps: int, max_steps: int) -> int:
+    """The number of denoising steps of training step `step`: uniform in [min, max], the same on every host."""
+    return int(np.random.default_rng([seed, step, 1]).integers(min_steps, max_steps + 1))
 
 
 class _Clock:
@@ -420,29 +270,3 @@ class _Clock:
         now = time.perf_counter()
         self.timings[name] = now - self.last
         self.last = now
-
-
-def _put_global(tree: Any, mesh: Mesh) -> Any:
-    """Whole-batch host arrays (the same on every host) -> global arrays split over 'data'."""
-    sharding = parallel.data_sharded(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree)
-
-
-def logged_terms(aux: dict) -> dict[str, float]:
-    """Host-side means of the per-image terms over the images where each is present (absent terms left out)."""
-    out = {}
-    for name, (values, present) in parallel.gather_to_hosts(aux).items():
-        values, present = np.asarray(values, np.float64), np.asarray(present, bool)
-        if present.any():
-            out[name] = float(values[present].mean())
-    return out
-
-
-def step_key(state_rng: jax.Array, step: int) -> jax.Array:
-    """The key of training step `step`: fold_in(the run's base key, from TrainState.rng, step)."""
-    return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
-
-
-def denoising_steps_of(seed: int, step: int, min_steps: int, max_steps: int) -> int:
-    """The number of denoising steps of training step `step`: uniform in [min, max], the same on every host."""
-    return int(np.random.default_rng([seed, step, 1]).integers(min_steps, max_steps + 1))

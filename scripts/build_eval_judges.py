@@ -1,0 +1,171 @@
+"""Builds the miniature world's evaluation judges into an existing assets folder (one that
+scripts/build_miniature.py wrote: its sd/vae/ is read, its manifest.json gets an "eval_judges" key).
+
+    .venv/bin/python scripts/build_eval_judges.py --out assets/miniature
+
+Writes under --out:
+    eval_detector.safetensors   fairdiff_jax.miniature.detector.DetectorNet params (float16), trained with hard
+                                negatives (every ruin of fairdiff_jax/eval/ruins.py, plain and VAE-decoded, and
+                                face-less scenes); its threshold, chosen on held-out data, in the metadata
+    scene_classifier.pt         torchvision mobilenet_v3_large(width_mult=0.25) state dict (float16), heads
+    scene_classifier.json       subject / style / context, each with a "(no scene)" class for ruined images
+
+Both judges see other seeds and other data draws than the training detector and classifiers. The numbers
+printed at the end (recall and false-positive rate per image set, scene accuracy per head) are measured on
+held-out renders, their VAE reconstructions and their ruins, with the stored (float16) weights, and written
+to manifest.json. Deterministic for a given seed and thread count.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build_miniature as bm  # noqa: E402  (the world build's torch helpers: VAE round trip, classifier training)
+
+from fairdiff_jax.eval import ruins  # noqa: E402
+from fairdiff_jax.judging import scene_classifier as scene_lib  # noqa: E402
+from fairdiff_jax.miniature import detector as detector_lib  # noqa: E402
+from fairdiff_jax.miniature import eval_judges, world  # noqa: E402
+
+DETECTOR_FILE = "eval_detector.safetensors"
+SCENE_FILE = "scene_classifier.pt"
+
+
+def load_vae(out: Path):
+    """The world's AutoencoderKL (float32, eval) from out/sd/vae."""
+    from diffusers import AutoencoderKL
+
+    folder = out / "sd" / "vae"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found: build the world first (scripts/build_miniature.py --out {out})")
+    return AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+
+
+def vae_images(vae, images: np.ndarray) -> np.ndarray:
+    """Images [N, S, S, 3] after a VAE round trip (what the generator's decoder makes of them)."""
+    return bm.decoded(vae, eval_judges.without_faces(images)).images
+
+
+def ruin_sets(vae, images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """{kind: every image ruined by it, "<kind> (VAE)": the same after a VAE round trip}, for measuring."""
+    sets = {}
+    for k, (name, ruin) in enumerate(ruins.RUINS.items()):
+        ruined = ruin(images, np.random.default_rng([seed, k]))
+        sets[name], sets[f"{name} (VAE)"] = ruined, vae_images(vae, ruined)
+    return sets
+
+
+def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) -> dict:
+    """Trains, calibrates, saves and measures the evaluation detector; returns its manifest entry."""
+    _, faces = world.dataset(num_images, seed)
+    faces = world.concatenate([faces, bm.decoded(vae, bm.first(faces, num_images // 2))])
+    backgrounds = world.background_renders(num_images // 4, seed + 1)
+    _, to_ruin = world.dataset(num_images // 2, seed + 2)
+    ruined, _ = eval_judges.ruin_negatives(np.concatenate([to_ruin.images, backgrounds.images[: num_images // 8]]), seed + 3)
+    negatives = np.concatenate([ruined, vae_images(vae, ruined[::2])])
+    log(f"eval detector data: {len(faces.images)} faces, {len(backgrounds.images)} scenes, {len(negatives)} ruins")
+    params = detector_lib.train_detector(
+        world.concatenate([faces, backgrounds, eval_judges.without_faces(negatives)]), steps, seed=seed + 4, log=log)
+    params = jax.tree.map(lambda p: np.asarray(p, np.float16).astype(np.float32), params)  # what the file holds
+    detector = detector_lib.MiniatureFaceDetector(params, world.IMAGE_SIZE)
+
+    def held_out(data_seed: int):
+        _, renders = world.dataset(600, data_seed)
+        positives = {"renders": renders.images, "renders (VAE)": vae_images(vae, renders.images)}
+        negatives = {"scenes": world.background_renders(300, data_seed + 1).images,
+                     **ruin_sets(vae, world.dataset(300, data_seed + 2)[1].images, data_seed + 3)}
+        return positives, negatives
+
+    positives, negatives = held_out(seed + 10)
+    threshold = eval_judges.choose_threshold(
+        np.concatenate([detector.face_probability(x) for x in positives.values()]),
+        {name: detector.face_probability(x) for name, x in negatives.items()})
+    log(f"eval detector threshold {threshold:.4f} (chosen on held-out set A)")
+    detector_lib.save_detector(params, world.IMAGE_SIZE, out / DETECTOR_FILE, threshold=threshold, dtype=np.float16)
+    detector = detector_lib.MiniatureFaceDetector.from_file(out / DETECTOR_FILE)
+    positives, negatives = held_out(seed + 20)
+    report = eval_judges.detector_report(detector.face_probability, detector.threshold, positives, negatives)
+    return {"threshold": round(threshold, 4), "held_out": report}
+
+
+def build_scene_classifier(out: Path, vae, seed: int, num_images: int, steps: int, log) -> dict:
+    """Trains, saves and measures the scene classifier; returns its manifest entry."""
+    prompts, renders = world.dataset(num_images, seed)
+    half = num_images // 2
+    images = np.concatenate([renders.images, vae_images(vae, renders.images[:half])])
+    labels = eval_judges.scene_labels(prompts + prompts[:half])
+    ruined, _ = eval_judges.ruin_negatives(world.dataset(num_images // 4, seed + 1)[1].images, seed + 2)
+    ruined = np.concatenate([ruined, vae_images(vae, ruined[::2])])
+    images = np.concatenate([images, ruined]).astype(np.float16)
+    labels = {h: np.concatenate([labels[h], eval_judges.no_scene_labels(len(ruined))[h]]) for h in labels}
+    log(f"scene classifier data: {len(images) - len(ruined)} renders, {len(ruined)} ruins")
+    heads = [(name, len(classes)) for name, classes in eval_judges.SCENE_HEADS]
+    model = bm.train_mobilenet(images, labels, heads, steps, seed + 3, log)
+    del images
+    torch.save(bm.stored_state_dict(model), out / SCENE_FILE)
+    spec = {"heads": [[name, list(classes)] for name, classes in eval_judges.SCENE_HEADS], "image_size": world.IMAGE_SIZE}
+    scene_lib.heads_file(out / SCENE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+
+    scene, variables = scene_lib.load_scene_classifier(out / SCENE_FILE)
+    logits = jax.jit(lambda v, x: {h: l.argmax(-1) for h, l in scene_lib.scene_logits(scene, v, x).items()})
+    predict = lambda x: {h: np.concatenate([np.asarray(logits(variables, x[s:s + 500])[h]) for s in range(0, len(x), 500)])  # noqa: E731
+                         for h, _ in eval_judges.SCENE_HEADS}
+    held_prompts, held = world.dataset(1000, seed + 10)
+    held_labels = eval_judges.scene_labels(held_prompts)
+    report = {"renders": eval_judges.scene_report(predict, held.images, held_labels),
+              "renders (VAE)": eval_judges.scene_report(predict, vae_images(vae, held.images), held_labels)}
+    # On ruins: the share that still names the source image's scene (should be near none), and the share called
+    # "(no scene)" by every head.
+    ruin_labels = {h: v[:300] for h, v in held_labels.items()}
+    no_scene = eval_judges.no_scene_labels(300)
+    for name, ruined in ruin_sets(vae, held.images[:300], seed + 11).items():
+        report[name] = {"true_scene": eval_judges.scene_report(predict, ruined, ruin_labels),
+                        "no_scene": eval_judges.scene_report(predict, ruined, no_scene)["all"]}
+    return {"heads": {name: len(classes) for name, classes in eval_judges.SCENE_HEADS}, "held_out": report}
+
+
+def build(out: Path, seed: int, detector_images: int, detector_steps: int, scene_images: int, scene_steps: int) -> dict:
+    log = bm.Log()
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    vae = load_vae(out)
+    entry = {"seed": seed, "torch_threads": torch.get_num_threads()}
+    began = bm.now()
+    entry["eval_detector"] = build_detector(out, vae, seed + 500, detector_images, detector_steps, log)
+    log(f"eval detector: {json.dumps(entry['eval_detector'])}")
+    log.stage("eval detector", began)
+    began = bm.now()
+    entry["scene_classifier"] = build_scene_classifier(out, vae, seed + 600, scene_images, scene_steps, log)
+    log(f"scene classifier: {json.dumps(entry['scene_classifier'])}")
+    log.stage("scene classifier", began)
+    entry["timings_s"] = log.stages
+    manifest["eval_judges"] = entry
+    manifest.setdefault("config", {}).update({"eval_detector_path": DETECTOR_FILE, "scene_classifier_path": SCENE_FILE})
+    manifest["files"] = bm.file_sizes(out)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return entry
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("assets/miniature"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--detector_images", type=int, default=4000, help="face renders (half also VAE-decoded)")
+    parser.add_argument("--detector_steps", type=int, default=400)
+    parser.add_argument("--scene_images", type=int, default=6000, help="renders (half also VAE-decoded)")
+    parser.add_argument("--scene_steps", type=int, default=500)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    build(args.out, args.seed, args.detector_images, args.detector_steps, args.scene_images, args.scene_steps)
+
+
+if __name__ == "__main__":
+    main()
