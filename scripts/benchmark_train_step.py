@@ -45,6 +45,11 @@ batch 8 with materialised 4096x4096 attention was ~77 GiB and the VAE decode's b
 The CPU compiler upcasts bf16, so these are upper bounds, not the GPU numbers.
 
     python scripts/benchmark_train_step.py --sd15-shapes --sd15-lora unet --attention_impl cudnn   # on a GPU
+
+--sd15-unet-equivalents counts, from compiled one-denoising-step programs at SD-1.5 shapes (compile only), the
+UNet-forward equivalents per image per denoising step of each adjusted-DFT gradient path (config.train.dft_gradient):
+"rerun" (regenerate under remat, the original's way) and "stored_trajectory" (VJPs at the stored latents); see
+unet_equivalents. Tiny shapes, float32 (2026-12-02): rerun 5.70 / 5.94, stored 4.71 / 4.95 (text-encoder / UNet LoRA).
 """
 
 import argparse
@@ -325,7 +330,9 @@ def unet_equivalents(lora_part: str, micro_batch: int = 4, dtype=jnp.bfloat16, a
     scales = sampler.dft_gradient_scales(sd.scheduler_config, schedule)
     text, mask = f32(1, 77, sd.unet.config.cross_attention_dim), jax.ShapeDtypeStruct((1, 77), jnp.int32)
     latents, weights = f32(m, h, w, c), f32(m, sd.image_size, sd.image_size, 3)
-    unet_lora = jax.eval_shape(lambda: lora_lib.init(jax.random.key(0), sd.unet_params, lora_lib.select_targets(sd.unet_params, "unet"), 50 if shapes == "sd15" else 4))
+    rank = 50 if shapes == "sd15" else 4
+    targets = lora_lib.select_targets(sd.unet_params, "unet")
+    unet_lora = jax.eval_shape(lambda: lora_lib.init(jax.random.key(0), sd.unet_params, targets, rank))
     trainable = unet_lora if lora_part == "unet" else {}
 
     def flops(fn, *args) -> float:
