@@ -97,7 +97,7 @@ def sampling_jax(tiny: bool, dtype: str, attention_impl: str) -> dict:
 
     s = pick(SAMPLING, tiny)
     shapes = random_models.SHAPES["tiny" if tiny else "sd15"]
-    sd, _, _ = random_models.random_models(shapes, jnp.dtype(dtype), attention_impl, remat=False)
+    sd, _, _ = random_models.random_models(shapes, jnp.dtype(dtype), attention_impl, remat=False, with_judges=False)
     sample, lowered = jax_sampler(sd, s["batch_size"], s["steps"], GUIDANCE)
     started = time.perf_counter()
     compiled = lowered.compile()  # the jitted sampler reuses this executable

@@ -140,8 +140,10 @@ def random_weights(abstract, seed: int):
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-def random_models(shapes: ModelShapes, dtype, attention_impl: str = "xla", remat: bool = True, seed: int = 0):
-    """`abstract_models` with `random_weights` (on the default device)."""
+def random_models(shapes: ModelShapes, dtype, attention_impl: str = "xla", remat: bool = True, seed: int = 0,
+                  with_judges: bool = True):
+    """`abstract_models` with `random_weights` (on the default device); without judges their variables stay abstract
+    (sampling needs none, and SD v1-5's judges are 750M parameters to draw)."""
     sd, judges, judge_variables = abstract_models(shapes, dtype, attention_impl, remat)
     sd = dataclasses.replace(
         sd,
@@ -149,6 +151,8 @@ def random_models(shapes: ModelShapes, dtype, attention_impl: str = "xla", remat
         vae_params=random_weights(sd.vae_params, seed + 1),
         text_encoder_params=random_weights(sd.text_encoder_params, seed + 2),
     )
+    if not with_judges:
+        return sd, judges, judge_variables
     bank = np.random.default_rng(seed + 3).standard_normal(judge_variables["face_bank"].shape, np.float32)
     judge_variables = dict(random_weights(judge_variables, seed + 4),  # the loss compares unit features with the bank
                            face_bank=jax.device_put(bank / np.linalg.norm(bank, axis=-1, keepdims=True)))

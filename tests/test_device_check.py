@@ -26,7 +26,7 @@ def test_device_check_tiny_writes_every_measurement(tmp_path):
     out = tmp_path / "dc"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     run = subprocess.run(["bash", str(ROOT / "scripts" / "device_check.sh"), "--tiny", "--out", str(out)], env=env,
-                         capture_output=True, text=True, timeout=1500)
+                         capture_output=True, text=True, timeout=1900)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "device_check.json").read_text())
     phases = summary["phases"]
