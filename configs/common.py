@@ -76,6 +76,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.train.generation_batch_size = 8  # images per no-gradient sampling call per device
     config.train.min_denoising_steps = 19  # each step draws its number of denoising steps
     config.train.max_denoising_steps = 23  # uniformly from [min, max], the same on all devices
+    # The adjusted-DFT gradient from the no-gradient pass's stored latents ("stored_trajectory"), or by
+    # regenerating the images under remat ("rerun", the original's way): the same gradients, one UNet forward
+    # per image and denoising step fewer (docs/method.md#adjusted-direct-finetuning).
+    config.train.dft_gradient = "stored_trajectory"
     config.train.log_every_steps = 1
     config.train.plot_every_steps = 20  # annotated image grids of the training batch
     # A run stops (exit 1) after this many consecutive steps whose loss was not finite or whose update was skipped

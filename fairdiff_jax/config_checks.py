@@ -45,6 +45,10 @@ def finite() -> tuple[Callable[[Any], bool], str]:
     return _is_number, "a finite number"
 
 
+def one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value in choices), f"one of {choices}"
+
+
 # (dotted key, (rule, what the rule asks for)); a key ending in '.*' applies the rule to every value of a dict.
 RULES = (
     ("optim.learning_rate", finite_at_least(0.0, strict=True)),
@@ -64,6 +68,7 @@ RULES = (
     ("train.log_every_steps", integer_at_least(1)),
     ("train.plot_every_steps", integer_at_least(1)),
     ("train.max_bad_steps", integer_at_least(1)),
+    ("train.dft_gradient", one_of("stored_trajectory", "rerun")),
     ("loss.weight_img", finite_at_least(0.0)),
     ("loss.weight_face", finite_at_least(0.0)),
     ("loss.factor1.*", finite_at_least(0.0, strict=True)),

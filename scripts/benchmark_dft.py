@@ -38,17 +38,11 @@ from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the PyTorch references live with the tests
 
-from benchmark_sampling import (  # noqa: E402
-    DTYPES,
-    PROMPT,
-    SD15_TEXT,
-    SD15_UNET,
-    SD15_VAE,
-    jax_model_from_torch,
-)
+from benchmark_sampling import DTYPES, PROMPT, jax_model_from_torch  # noqa: E402
 from dft_torch_reference import encode_prompt_pair as torch_encode_prompt_pair  # noqa: E402
 from dft_torch_reference import sample_images_adjusted as torch_sample_images_adjusted  # noqa: E402
 from lora_torch_reference import attach_unet_lora, patch_text_encoder  # noqa: E402
+from random_models import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 from fairdiff_jax.sd import lora, sampler
 from fairdiff_jax.sd import tiny as tiny_sd

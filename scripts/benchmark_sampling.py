@@ -33,40 +33,10 @@ from fairdiff_jax.sd.vae import (
     VAEDecoderConfig,
     vae_decoder_params,
 )
+from random_models import SD15_TEXT, SD15_UNET, SD15_VAE  # scripts/ is on sys.path when a script runs
 
 PROMPT = "a photo of the face of a doctor, a person"
 DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16), "float16": (jnp.float16, torch.float16)}
-
-# SD v1-5's architecture (its unet/, vae/, text_encoder/ config.json); weights random.
-SD15_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD15_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-SD15_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-
 
 def jax_model_from_torch(pipe, dtype, attention_impl: str) -> StableDiffusion:
     """The project's StableDiffusion bundle with the PyTorch pipeline's weights (no folder on disk)."""
@@ -105,6 +75,42 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return first, (time.perf_counter() - start) / repeats
 
 
+def random_pipeline(sd15_shapes: bool):
+    """diffusers' StableDiffusionPipeline with random weights (seed 0, float32, on the CPU): SD v1-5's
+    architecture or the tiny one (fairdiff_jax.sd.tiny). Same call, same weights, in every process."""
+    configs = dict(unet_config=SD15_UNET, vae_config=SD15_VAE, text_encoder_config=SD15_TEXT) if sd15_shapes else {}
+    pipe = tiny_sd.build_torch_pipeline(seed=0, **configs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def jax_sampler(sd: StableDiffusion, batch_size: int, steps: int, guidance_scale: float = 7.5):
+    """(sample: () -> images [b, H, W, 3] float32 numpy in [-1, 1], lowered: its jax.stages.Lowered).
+
+    The project's jitted sampler on PROMPT with fixed noise (key 0)."""
+    cond, uncond, context_mask = encode_prompt_pair(sd, PROMPT)
+    schedule = sd.schedule(steps)
+    h, w, c = sd.latent_shape
+    noise = jax.random.normal(jax.random.key(0), (batch_size, h, w, c))
+    args = (sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, guidance_scale, context_mask)
+    return (lambda: np.asarray(sampler.sample_images(*args))), sampler.sample_images.lower(*args)
+
+
+def torch_sampler(pipe, batch_size: int, steps: int, guidance_scale: float = 7.5):
+    """() -> images [b, H, W, 3] numpy: the diffusers pipeline (on its device and dtype) with PROMPT's conditioning
+    as the original builds it and the noise of `jax_sampler` (key 0)."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cond, uncond = torch_prompt_pair(pipe, PROMPT, device)
+    shape = (batch_size, pipe.unet.config.sample_size, pipe.unet.config.sample_size, pipe.unet.config.in_channels)
+    noise = np.asarray(jax.random.normal(jax.random.key(0), shape))
+    latents = torch.from_numpy(noise).permute(0, 3, 1, 2).to(device, dtype)
+    return lambda: pipe(
+        prompt_embeds=cond, negative_prompt_embeds=uncond, num_images_per_prompt=batch_size, latents=latents,
+        num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size, output_type="np",
+    ).images
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd15-shapes", action="store_true", help="SD v1-5-sized random model instead of the tiny one")
@@ -122,30 +128,15 @@ def main(argv=None):
     jax_dtype, torch_dtype = DTYPES[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    configs = dict(unet_config=SD15_UNET, vae_config=SD15_VAE, text_encoder_config=SD15_TEXT) if args.sd15_shapes else {}
-    pipe = tiny_sd.build_torch_pipeline(seed=0, **configs)
+    pipe = random_pipeline(args.sd15_shapes)
     sd = jax_model_from_torch(pipe, jax_dtype, args.attention_impl)
     pipe = pipe.to(device, torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    b, (h, w, c) = args.batch_size, sd.latent_shape
+    b = args.batch_size
     print(f"model: {'SD v1-5 shapes' if args.sd15_shapes else 'tiny'}, {sd.image_size}x{sd.image_size} images, "
           f"batch {b}, {args.steps} steps, {args.dtype}; JAX on {jax.devices()[0].platform}, PyTorch on {device}")
 
-    cond, uncond, context_mask = encode_prompt_pair(sd, PROMPT)
-    schedule = sd.schedule(args.steps)
-    noise = jax.random.normal(jax.random.key(0), (b, h, w, c))
-    run_jax = lambda: np.asarray(
-        sampler.sample_images(sd.unet, sd.unet_params, sd.vae, sd.vae_params, schedule, noise, cond, uncond, 7.5, context_mask)
-    )
-    jax_first, jax_time = timed(run_jax, args.repeats)
-
-    torch_cond, torch_uncond = torch_prompt_pair(pipe, PROMPT, device)
-    latents = torch.from_numpy(np.array(noise)).permute(0, 3, 1, 2).to(device, torch_dtype)
-    run_torch = lambda: pipe(
-        prompt_embeds=torch_cond, negative_prompt_embeds=torch_uncond, num_images_per_prompt=b, latents=latents,
-        num_inference_steps=args.steps, guidance_scale=7.5, height=sd.image_size, width=sd.image_size, output_type="np",
-    ).images
-    torch_first, torch_time = timed(run_torch, args.repeats)
+    jax_first, jax_time = timed(jax_sampler(sd, b, args.steps)[0], args.repeats)
+    torch_first, torch_time = timed(torch_sampler(pipe, b, args.steps), args.repeats)
 
     print(f"fairdiff_jax: {b / jax_time:8.2f} images/s ({jax_time:.3f} s/batch; first call incl. compile {jax_first:.1f} s)")
     print(f"diffusers:    {b / torch_time:8.2f} images/s ({torch_time:.3f} s/batch; first call {torch_first:.1f} s)")

@@ -45,6 +45,12 @@ batch 8 with materialised 4096x4096 attention was ~77 GiB and the VAE decode's b
 The CPU compiler upcasts bf16, so these are upper bounds, not the GPU numbers.
 
     python scripts/benchmark_train_step.py --sd15-shapes --sd15-lora unet --attention_impl cudnn   # on a GPU
+
+--sd15-unet-equivalents counts, from compiled one-denoising-step programs at SD-1.5 shapes (compile only), the
+UNet-forward equivalents per image per denoising step of each adjusted-DFT gradient path (config.train.dft_gradient):
+"rerun" (regenerate under remat, the original's way) and "stored_trajectory" (VJPs at the stored latents); see
+unet_equivalents. Measured 2026-12-02: tiny shapes, float32: rerun 5.70 / 5.94, stored 4.71 / 4.95 (text-encoder / UNet LoRA);
+SD-1.5 shapes, bfloat16, text-encoder LoRA: rerun 5.84, stored 4.85.
 """
 
 import argparse
@@ -64,17 +70,19 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # config files import `configs.common`
 
+import random_models  # noqa: E402  (scripts/, on sys.path when a script runs)
+
 from fairdiff_jax import config_cli
-from fairdiff_jax.judging import clip_vision as clip_vision_lib
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.nn.attention import ATTENTION_IMPLS
-from fairdiff_jax.sd import clip_text, sampler
+from fairdiff_jax.sd import sampler
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
 from fairdiff_jax.training.stages import Stages, Text, largest_divisor_at_most
 from fairdiff_jax.training.loop import load_models
 
 GIB = 2**30
+PROMPT = "a photo of the face of a doctor"
 PARTS = ("sampling", "faces", "ot", "gradient")
 
 # Dense peak FLOP/s (no sparsity) from the vendors' data sheets: (bfloat16 on the tensor / matrix units,
@@ -116,23 +124,20 @@ def median_parts(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
 
 
-def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
-    mesh = parallel.make_mesh()
-    sd, judges, judge_variables = load_models(config)
+def step_setup(config, sd, judges, judge_variables, mesh):
+    """(stages, jitted train step, frozen weights, train state) of a run of `config` with these models on `mesh`."""
     stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
-    train_step = debias_step.make_train_step(stages)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     lora = debias_step.init_lora(jax.random.key(0), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet)
     o = config.optim
     tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, 0), mesh)
-    num_steps = config.train.max_denoising_steps
-    prompt = "a photo of the face of a doctor"
-    device_kind = jax.devices()[0].device_kind
-    t = config.train
-    print(f"devices: {mesh.devices.size} x {device_kind}; {t.images_per_prompt} images per step, "
-          f"{num_steps} denoising steps, generation chunks of {t.generation_batch_size}, micro-batch {t.micro_batch_size}")
+    return stages, debias_step.make_train_step(stages), frozen, state
 
+
+def time_jax_steps(stages, train_step, state, frozen, num_steps: int, steps: int, prompt: str = PROMPT):
+    """Runs steps 0..`steps` (step 0 compiles) and prints each one's parts; -> (median seconds per part over
+    steps 1.., the per-step rows including step 0, the last step's Prepared, the state after the last step)."""
     rows = []
     for step in range(steps + 1):
         timings = {}
@@ -143,20 +148,28 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
         jax.block_until_ready(state.params)
         timings["gradient"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
-        print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()))
-        if step > 0:
-            rows.append(timings)
-    jax_seconds = median_parts(rows)
-    if rows:
-        print("median over steps 1..: " + ", ".join(f"{k} {v:.3f} s" for k, v in jax_seconds.items()))
+        print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()), flush=True)
+        rows.append(timings)
+    seconds = median_parts(rows[1:])
+    if seconds:
+        print("median over steps 1..: " + ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()))
+    return seconds, rows, prepared, state
 
-    local = t.images_per_prompt // mesh.devices.size
+
+def step_flops(stages, train_step, state, frozen, prepared, num_steps: int) -> dict:
+    """XLA-counted FLOPs per device of each jitted part of a step: {part: (loop bodies counted once, x loop trips)}
+    and their sum under 'step' (the module docstring says why this is a bracket). The stages must have run with
+    these shapes already: their compiled executables are reused, nothing compiles again."""
+    t = stages.config.train
+    local = t.images_per_prompt // stages.num_devices
     chunk = largest_divisor_at_most(local, t.generation_batch_size)
     micro = min(t.micro_batch_size, local)
     batch, constants = prepared.batch, prepared.constants
-    # Per part: (XLA's count, loop bodies once; times the trip counts of the loops counted once), per device.
+    stored = t.dft_gradient == "stored_trajectory"
     counted = {
-        "sampling": (2 * cost_flops(stages._generate, state.params, frozen, constants.text, constants.schedule, batch.noise, chunk=chunk),
+        "sampling": (cost_flops(stages._generate, state.params, frozen, constants.text, constants.schedule, batch.noise, chunk=chunk,
+                                keep_trajectory=stored)
+                     + cost_flops(stages._generate, {}, frozen, constants.text, constants.schedule, batch.noise, chunk=chunk),
                      (local // chunk) * num_steps),
         "faces": (cost_flops(stages._judge, frozen["judges"], prepared.images, prepared.original_images, batch.boxes,
                              batch.found, batch.original_boxes, batch.original_found, batch.chip_from_image), 1),
@@ -166,9 +179,22 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     flops["step"] = tuple(sum(bounds) for bounds in zip(*flops.values()))
     for part, (lower, upper) in flops.items():
         print(f"XLA cost-analysis FLOPs per device, {part}: {lower:.3e} (loop bodies counted once) .. {upper:.3e} (x loop trips)")
+    return flops
 
+
+def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
+    mesh = parallel.make_mesh()
+    stages, train_step, frozen, state = step_setup(config, *load_models(config), mesh)
+    t = config.train
+    num_steps = t.max_denoising_steps
+    device_kind = jax.devices()[0].device_kind
+    print(f"devices: {mesh.devices.size} x {device_kind}; {t.images_per_prompt} images per step, "
+          f"{num_steps} denoising steps, generation chunks of {t.generation_batch_size}, micro-batch {t.micro_batch_size}, "
+          f"adjusted-DFT gradient '{t.dft_gradient}'")
+    jax_seconds, _, prepared, state = time_jax_steps(stages, train_step, state, frozen, num_steps, steps)
+    flops = step_flops(stages, train_step, state, frozen, prepared, num_steps)
     if run_torch:
-        torch_seconds = benchmark_torch(config, steps, num_steps, prompt)
+        torch_seconds = benchmark_torch(config, steps, num_steps, PROMPT)
         if torch_seconds:
             print_comparison(jax_seconds, torch_seconds)
     if jax_seconds:
@@ -234,51 +260,11 @@ def print_fraction_of_peak(flops: dict, seconds: dict, device_kind: str, dtype: 
 # ---- SD-1.5 shapes, compile only -------------------------------------------------------------------------
 
 
-def sd15_abstract_models(dtype, attention_impl: str = "chunked"):
-    """Modules of the real networks and ShapeDtypeStruct params (nothing allocated, nothing initialised).
-
-    The UNet and the VAE decoder (the networks differentiated at 64x64 latents) use `attention_impl` and
-    remat; the judges (257 tokens at most) keep the default kernel."""
-    from fairdiff_jax.judging import dinov2, mobilenet_v3, sfnet
-    from fairdiff_jax.sd.loader import StableDiffusion
-    from fairdiff_jax.sd.tiny import build_tokenizer
-    from fairdiff_jax.sd.unet import UNet2DConditionModel, UNetConfig
-    from fairdiff_jax.sd.vae import AutoencoderKLDecoder, VAEDecoderConfig
-
-    unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768), dtype=dtype, param_dtype=dtype,
-                                attention_impl=attention_impl, remat=True)
-    vae = AutoencoderKLDecoder(VAEDecoderConfig(), dtype, dtype, attention_impl, remat=True)
-    text_encoder = clip_text.CLIPTextTransformer(clip_text.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                                num_attention_heads=12), jnp.float32, jnp.float32)
-    latents = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
-    unet_params = jax.eval_shape(unet.init, jax.random.key(0), latents, jnp.zeros((1,), jnp.int32),
-                                 jax.ShapeDtypeStruct((1, 77, 768), jnp.float32))["params"]
-    vae_params = jax.eval_shape(vae.init, jax.random.key(0), latents)["params"]
-    sd = StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_encoder.param_shapes(), build_tokenizer(),
-                         sampler.SchedulerConfig())
-    clip_vision = clip_vision_lib.CLIPVisionWithProjection(
-        clip_vision_lib.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                              image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"), dtype, dtype, remat=True)
-    dino = dinov2.Dinov2Model(dinov2.Dinov2Config(), 224, dtype, dtype, remat=True)
-    classifier = mobilenet_v3.MobileNetV3Large(6, dtype=dtype, param_dtype=dtype)
-    face_net = sfnet.SFNet20(False, dtype, dtype)
-    judges = judges_lib.Judges(classifier, face_net, clip_vision, dino, (("gender", 2), ("race", 4)), ("gender", "race"))
-    aligned = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
-    judge_variables = dict(
-        classifier=mobilenet_v3.variable_shapes(classifier, 224),
-        sfnet=jax.eval_shape(face_net.init, jax.random.key(0), aligned),
-        clip=clip_vision_lib.param_shapes(),
-        dino=dino.param_shapes(),
-        face_bank=jax.ShapeDtypeStruct((10000, 512), jnp.float32),
-    )
-    return sd, judges, judge_variables
-
-
 def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, images_per_device: int = 20,
                 num_steps: int = 23, dtype=jnp.bfloat16, attention_impl: str = "chunked") -> None:
     from fairdiff_jax.judging import tiny as tiny_assets
 
-    sd, judges, judge_variables = sd15_abstract_models(dtype, attention_impl)
+    sd, judges, judge_variables = random_models.abstract_models(random_models.SHAPES["sd15"], dtype, attention_impl)
     mesh = parallel.make_mesh(jax.devices()[:1])
     config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
     config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
@@ -302,7 +288,9 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     batch = debias_step.StepBatch(
         noise=f32(b, 64, 64, 4), crop_boxes=f32(b, 4), found=flag, boxes=f32(b, 4), chip_from_image=f32(b, 2, 3),
         targets=i32(b, 2), original_preds=i32(b, 2), original_probs=(f32(b, 2), f32(b, 4)), original_boxes=f32(b, 4),
-        original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512))
+        original_found=flag, original_clip=f32(b, 1024), original_dino=f32(b, 768), original_face=f32(b, 512),
+        **(dict(final_latents=f32(b, 64, 64, 4), trajectory=f32(b, num_steps, 64, 64, 4))
+           if config.train.dft_gradient == "stored_trajectory" else {}))
     started = time.perf_counter()
     compiled = debias_step.make_train_step(stages).lower(state, constants, batch, jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
@@ -322,6 +310,73 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     print(f"  XLA cost-analysis FLOPs of the gradient stage (loop bodies counted once): {float((compiled.cost_analysis() or {}).get('flops', float('nan'))):.3e}")
 
 
+def unet_equivalents(lora_part: str, micro_batch: int = 4, dtype=jnp.bfloat16, attention_impl: str = "chunked",
+                     shapes: str = "sd15") -> dict:
+    """UNet-forward equivalents per image per denoising step of a training step (random_models.SHAPES[shapes]), per
+    gradient path (step.DFT_GRADIENTS).
+
+    XLA counts a loop body once, so the counts come from programs whose loops all run once: one denoising step, one
+    micro-batch of `micro_batch` images, abstract inputs (compile only). U = FLOPs of one guided UNet call (the
+    prompt and the empty prompt) per image; for each path, the gradient stage's per-step UNet work = FLOPs of the
+    sampler's gradient (w.r.t. the UNet LoRA, or the prompt embeddings a text-encoder LoRA reaches) minus those of
+    the VAE decode's gradient (once per image per step, not per denoising step). The no-gradient pass adds 2 U
+    (the LoRA's images and the frozen model's). -> {path: equivalents}.
+    """
+    from fairdiff_jax.sd import lora as lora_lib
+
+    sd, _, _ = random_models.abstract_models(random_models.SHAPES[shapes], dtype, attention_impl)
+    m, (h, w, c) = micro_batch, sd.latent_shape
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    schedule = sampler.make_schedule(sd.scheduler_config, 1)
+    scales = sampler.dft_gradient_scales(sd.scheduler_config, schedule)
+    text, mask = f32(1, 77, sd.unet.config.cross_attention_dim), jax.ShapeDtypeStruct((1, 77), jnp.int32)
+    latents, weights = f32(m, h, w, c), f32(m, sd.image_size, sd.image_size, 3)
+    rank = 50 if shapes == "sd15" else 4
+    targets = lora_lib.select_targets(sd.unet_params, "unet")
+    unet_lora = jax.eval_shape(lambda: lora_lib.init(jax.random.key(0), sd.unet_params, targets, rank))
+    trainable = unet_lora if lora_part == "unet" else {}
+
+    def flops(fn, *args) -> float:
+        started = time.perf_counter()
+        value = cost_flops(jax.jit(fn), *args)
+        print(f"  compiled {fn.__name__} in {time.perf_counter() - started:.0f} s: {value:.4e} FLOPs", flush=True)
+        return value
+
+    def guided_unet(params, x, cond, uncond, mask):
+        eps_fn = lambda x, t, ctx, msk: sd.unet.apply({"params": params}, x, t, ctx, msk)  # noqa: E731
+        return sampler.guided_eps(eps_fn, x, schedule.timesteps[0], cond, uncond, 7.5, mask)
+
+    def decode_gradient(vae_params, x, weights):
+        return jax.grad(lambda x: jnp.sum(jax.checkpoint(lambda x: sampler.decode_latents(sd.vae, vae_params, x))(x) * weights))(x)
+
+    def rerun_gradient(unet_params, vae_params, trainable, cond, uncond, mask, noise, weights):
+        def loss(trainable, cond, uncond):
+            params = lora_lib.merge(unet_params, trainable) if trainable else unet_params
+            images = sampler.sample_images_adjusted(sd.unet, params, sd.vae, vae_params, schedule, scales, noise, cond, uncond, 7.5, mask)
+            return jnp.sum(images * weights)
+        return jax.grad(loss, argnums=(0, 1, 2))(trainable, cond, uncond)
+
+    def stored_gradient(unet_params, vae_params, trainable, cond, uncond, mask, trajectory, final, weights):
+        def loss(trainable, cond, uncond):
+            params_of = lambda t: lora_lib.merge(unet_params, t) if t else unet_params  # noqa: E731
+            images = sampler.images_from_trajectory(sd.unet, params_of, trainable, sd.vae, vae_params, schedule, scales, trajectory,
+                                                    final, cond, uncond, 7.5, mask)
+            return jnp.sum(images * weights)
+        return jax.grad(loss, argnums=(0, 1, 2))(trainable, cond, uncond)
+
+    print(f"{shapes} shapes, {lora_part} LoRA, micro-batch {m}, one denoising step, {jnp.dtype(dtype).name}, '{attention_impl}' attention, "
+          f"remat {sd.unet.remat} (compiles on {jax.devices()[0].device_kind}):", flush=True)
+    unet = flops(guided_unet, sd.unet_params, latents, text, text, mask) / m
+    decode = flops(decode_gradient, sd.vae_params, latents, weights)
+    rerun = flops(rerun_gradient, sd.unet_params, sd.vae_params, trainable, text, text, mask, latents, weights)
+    stored = flops(stored_gradient, sd.unet_params, sd.vae_params, trainable, text, text, mask, f32(m, 1, h, w, c), latents, weights)
+    equivalents = {path: 2 + (value - decode) / (m * unet) for path, value in (("rerun", rerun), ("stored_trajectory", stored))}
+    print(f"  one guided UNet call: {unet:.4e} FLOPs per image; VAE decode gradient {decode / m:.4e} per image")
+    for path, value in equivalents.items():
+        print(f"  {path}: {value:.2f} UNet-forward equivalents per image per denoising step (2 of them the no-gradient pass)")
+    return equivalents
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -333,7 +388,13 @@ def main(argv=None):
     parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="chunked",
                         help="with --sd15-shapes: the UNet's and VAE's attention kernel ('cudnn' on a GPU)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (scripts/torch_train_step.py)")
+    parser.add_argument("--sd15-unet-equivalents", action="store_true",
+                        help="count UNet-forward equivalents per image per denoising step of both gradient paths (compile only)")
     args, config_args = parser.parse_known_args(argv[1:])
+    if args.sd15_unet_equivalents:
+        for part in ("text_encoder", "unet") if args.sd15_lora == "both" else (args.sd15_lora,):
+            unet_equivalents(part, attention_impl=args.attention_impl)
+        return
     if args.sd15_shapes:
         if args.sd15_lora in ("text_encoder", "both"):
             sd15_memory(True, False, 4, attention_impl=args.attention_impl)

@@ -25,6 +25,7 @@ def test_shipped_configs_pass(config_file):
     ("loss.factor1.gender=0.0", "config.loss.factor1.gender"),
     ("train.min_denoising_steps=5", "exceeds config.train.max_denoising_steps = 3"),
     ("generate.batch_size=0", "config.generate.batch_size"),
+    ("train.dft_gradient=remat", "config.train.dft_gradient must be one of ('stored_trajectory', 'rerun'), got 'remat'"),
 ])
 def test_bad_number_is_refused_by_name(override, named):
     config = config_cli.load_config("configs/tiny.py", [override])

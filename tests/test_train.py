@@ -16,13 +16,17 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+
+import jax
 import numpy as np
 import pytest
 
 from fairdiff_jax.judging.tiny import build_tiny_assets
 from fairdiff_jax.training import export
+from fairdiff_jax.training.loop import device_notice
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.py"]
@@ -92,6 +96,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
     assert export.available_steps(split / "checkpoints") == [2]
     resumed = train(split, assets, compile_cache, "--config.train.max_steps=4", resume=True)
     assert "resumed from step 2" in resumed.stderr
+    assert "training on 2 device(s): cpu (cpu)" in resumed.stderr and "WARNING" not in resumed.stderr  # a 32 px model
 
     state_whole = export.read_state(whole, 4)
     state_split = export.read_state(split, 4)
@@ -305,3 +310,14 @@ def test_a_full_disk_stops_the_run_with_its_cause(tmp_path, assets, compile_cach
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "failed" in last and "File too large" in last, last
+
+
+def test_device_notice_warns_loudly_when_a_full_size_model_would_train_on_the_cpu():
+    cpus = jax.devices("cpu")
+    line, warning = device_notice(cpus, 512)
+    assert line.startswith(f"training on {len(cpus)} device(s): cpu")
+    assert warning is not None and "512x512" in warning and "on the CPU" in warning and "scripts/setup_env.sh" in warning
+    assert device_notice(cpus, 32)[1] is None  # tiny and miniature models are meant for the CPU
+    gpus = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")] * 2
+    line, warning = device_notice(gpus, 512)
+    assert line == "training on 2 device(s): gpu (NVIDIA H200)" and warning is None

@@ -127,6 +127,28 @@ def load_models(config):
     return sd, judges, judge_variables
 
 
+# A model whose images are at least this large is a real Stable Diffusion (SD v1-5: 512 px), days on an
+# accelerator; tiny and miniature models (32 px) train on a CPU in seconds per step.
+FULL_SIZE_IMAGE_PX = 256
+
+
+def device_notice(devices: Sequence, image_size: int) -> tuple[str, str | None]:
+    """(a line naming the devices the step runs on, a loud warning when a full-size model would train on CPUs
+    (None otherwise)). `devices`: the mesh's devices; `image_size`: the generator's image side in pixels."""
+    kinds = sorted({f"{d.platform} ({d.device_kind})" for d in devices})
+    line = f"training on {len(devices)} device(s): {', '.join(kinds)}"
+    if image_size < FULL_SIZE_IMAGE_PX or any(d.platform != "cpu" for d in devices):
+        return line, None
+    bar = "!" * 100
+    warning = (
+        f"{bar}\nWARNING: a {image_size}x{image_size} Stable Diffusion model is about to train on the CPU: one step takes\n"
+        "hours here instead of seconds on a GPU. If this machine has an NVIDIA GPU, jax's CPU build is installed:\n"
+        "rerun `bash scripts/setup_env.sh` (it installs the CUDA build when nvidia-smi sees a GPU; force it with\n"
+        f"FAIRDIFF_ACCELERATOR=cuda) and check `python -c 'import jax; print(jax.devices())'`.\n{bar}"
+    )
+    return line, warning
+
+
 # ---- logging -------------------------------------------------------------------------------------------
 
 
@@ -237,6 +259,9 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
         detector = judges_lib.make_detector(config)
     except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
+    for notice in device_notice(list(mesh.devices.flat), sd.image_size):
+        if notice and jax.process_index() == 0:
+            print(notice, file=sys.stderr)
     stages = Stages(sd, judges, config, mesh, detector)
     train_step = debias_step.make_train_step(stages)
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)

@@ -70,7 +70,7 @@ class Stages:
         _, _, self.expand_coef = judges_lib.detector_spec(config)
         self.text_length = sd.tokenizer.model_max_length
         self._noise = jax.jit(self._noise_fn, static_argnums=(1,), out_shardings=parallel.data_sharded(mesh))
-        self._generate = jax.jit(self._generate_fn, static_argnames=("chunk",))
+        self._generate = jax.jit(self._generate_fn, static_argnames=("chunk", "keep_trajectory"))
         self._judge = jax.jit(self._judge_fn)
         self._probs = jax.jit(self._probs_fn)
 
@@ -98,36 +98,41 @@ class Stages:
 
     # -- device stages -----------------------------------------------------------------------------------
 
-    def _sample(self, unet_params, text_encoder_params, frozen, text, schedule, noise, chunk):
-        """Images of noise [b, ...] in lax.map chunks of `chunk` (bounds the sampler's memory)."""
+    def _sample(self, unet_params, text_encoder_params, frozen, text, schedule, noise, chunk, keep_trajectory):
+        """Images of noise [b, ...] in lax.map chunks of `chunk` (bounds the sampler's memory); with keep_trajectory
+        (images, final latents, trajectory) as sampler.sample_images_and_trajectory returns them."""
         cond, uncond = encode_prompt(self.sd, text_encoder_params, text)
+        sample = sampler.sample_images_and_trajectory if keep_trajectory else sampler.sample_images
 
         def one(chunk_noise):
-            return sampler.sample_images(
+            return sample(
                 self.sd.unet, unet_params, self.sd.vae, frozen["vae"], schedule, chunk_noise, cond, uncond,
                 self.config.model.guidance_scale, text.context_mask,
             )
 
         b = noise.shape[0]
-        images = jax.lax.map(one, noise.reshape((b // chunk, chunk) + noise.shape[1:]))
-        return images.reshape((b,) + images.shape[2:])
+        outputs = jax.lax.map(one, noise.reshape((b // chunk, chunk) + noise.shape[1:]))
+        return jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), outputs)
 
-    def _generate_fn(self, lora, frozen, text, schedule, noise, chunk):
+    def _generate_fn(self, lora, frozen, text, schedule, noise, chunk, keep_trajectory=False):
         """-> images of `lora` (a dict with the trained parts, {} for the frozen model), split over 'data'."""
 
         def per_device(lora, frozen, text, schedule, noise):
             unet_params = merged(frozen, lora, "unet")
             text_encoder_params = merged(frozen, lora, "text_encoder")
-            return self._sample(unet_params, text_encoder_params, frozen, text, schedule, noise, chunk)
+            return self._sample(unet_params, text_encoder_params, frozen, text, schedule, noise, chunk, keep_trajectory)
 
         return jax.shard_map(
             per_device, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(parallel.DATA_AXIS)), out_specs=P(parallel.DATA_AXIS)
         )(lora, frozen, text, schedule, noise)
 
-    def generate(self, lora: dict, frozen: dict, text: Text, schedule: sampler.Schedule, noise: jax.Array, chunk: int) -> jax.Array:
-        """Images [B, H, W, 3] in [-1, 1] of `lora` ({} = frozen), no gradient, split over 'data'."""
+    def generate(self, lora: dict, frozen: dict, text: Text, schedule: sampler.Schedule, noise: jax.Array, chunk: int,
+                 keep_trajectory: bool = False):
+        """Images [B, H, W, 3] in [-1, 1] of `lora` ({} = frozen), no gradient, split over 'data'; with keep_trajectory
+        (images, final latents [B, h, w, 4], trajectory [B, n, h, w, 4]) for the stored-trajectory gradient."""
         local = noise.shape[0] // self.num_devices
-        return self._generate(lora, frozen, text, schedule, noise, chunk=largest_divisor_at_most(local, chunk))
+        return self._generate(lora, frozen, text, schedule, noise, chunk=largest_divisor_at_most(local, chunk),
+                              keep_trajectory=keep_trajectory)
 
     def chips(self, images, boxes, found):
         """[B, size_face, size_face, 3] square face chips around the detected boxes (zeros without a face)."""

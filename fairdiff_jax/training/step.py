@@ -14,8 +14,9 @@ Everything random is a function of (seed, step), never of the device layout: the
 normal(fold_in(step_key, i)) with step_key = fold_in(the run's base key TrainState.rng, step); the OT draws
 use numpy's default_rng([seed, step]); the denoising-step count default_rng([seed, step, 1]).
 
-`debias_loss` regenerates X with the adjusted-DFT sampler (so the gradient reaches the LoRA of the UNet and/or
-the text encoder), reuses the faces found on the no-gradient X (the same images), and returns the per-image
+`debias_loss` differentiates X's sampling the adjusted-DFT way (so the gradient reaches the LoRA of the UNet and/or
+the text encoder; config.train.dft_gradient: from the latents the no-gradient pass stored, or by regenerating X),
+reuses the faces found on the no-gradient X (the same images), and returns the per-image
 loss of `alignment.alignment_loss` with its per-image terms for the log.
 """
 
@@ -77,6 +78,9 @@ class StepBatch:
     original_found:   [B] bool, X0 has a face.  original_boxes: [B, 4] its box.
     original_clip, original_dino: [B, D] X0's CLIP / DINOv2 image features; original_face: [B, D] its face
                       feature (zeros without a face).
+    final_latents:    [B, h, w, 4] float32, X's latents before the decode, and
+    trajectory:       [B, n, h, w, 4] float32, the latents each denoising step of X started from: with
+                      config.train.dft_gradient = "stored_trajectory" (~55 MB for 40 images x 21 steps), else None.
     """
 
     noise: jax.Array
@@ -92,6 +96,8 @@ class StepBatch:
     original_clip: jax.Array
     original_dino: jax.Array
     original_face: jax.Array
+    final_latents: jax.Array | None = None
+    trajectory: jax.Array | None = None
 
 
 class StepConstants(NamedTuple):
@@ -137,7 +143,9 @@ def prepare(
     constants = StepConstants(frozen, text, *parallel.replicate((schedule, gradient_scales), mesh))
     noise = stages.noise(key, config.train.images_per_prompt)
     chunk = config.train.generation_batch_size
-    images = stages.generate(lora, frozen, text, constants.schedule, noise, chunk)
+    stored = config.train.dft_gradient == "stored_trajectory"
+    images = stages.generate(lora, frozen, text, constants.schedule, noise, chunk, keep_trajectory=stored)
+    images, *trajectory = images if stored else (images,)  # [final latents, trajectory] or []
     original_images = stages.generate({}, frozen, text, constants.schedule, noise, chunk)
     clock.lap("sampling", (images, original_images))
     detections, transforms = stages.detect(images)
@@ -167,7 +175,7 @@ def prepare(
     )
     batch = StepBatch(
         noise=noise, **parallel.shard_global(host_batch, mesh),
-        **{f"original_{name}": value for name, value in original_features.items()},
+        **{f"original_{name}": value for name, value in original_features.items()}, **dict(zip(("final_latents", "trajectory"), trajectory)),
     )
     images, original_images = (np.asarray(x) for x in parallel.gather_to_hosts((images, original_images)))
     return Prepared(batch, constants, images, original_images, detections, original_detections, probs, original_probs, targets)
@@ -187,10 +195,18 @@ def debias_loss(lora: dict, constants: StepConstants, batch: StepBatch, rng: jax
     frozen, text = constants.frozen, constants.text
     judge_vars = frozen["judges"]
     cond, uncond = encode_prompt(sd, merged(frozen, lora, "text_encoder"), text)
-    images = sampler.sample_images_adjusted(
-        sd.unet, merged(frozen, lora, "unet"), sd.vae, frozen["vae"], constants.schedule,
-        constants.gradient_scales, batch.noise, cond, uncond, config.model.guidance_scale, text.context_mask,
-    )
+    if config.train.dft_gradient == "stored_trajectory":  # docs/method.md#adjusted-direct-finetuning
+        unet_lora = lora.get("unet", {})
+        images = sampler.images_from_trajectory(
+            sd.unet, lambda unet_lora: merged(frozen, {"unet": unet_lora} if unet_lora else {}, "unet"), unet_lora,
+            sd.vae, frozen["vae"], constants.schedule, constants.gradient_scales, batch.trajectory, batch.final_latents,
+            cond, uncond, config.model.guidance_scale, text.context_mask,
+        )
+    else:  # "rerun": regenerate X under remat
+        images = sampler.sample_images_adjusted(
+            sd.unet, merged(frozen, lora, "unet"), sd.vae, frozen["vae"], constants.schedule,
+            constants.gradient_scales, batch.noise, cond, uncond, config.model.guidance_scale, text.context_mask,
+        )
     found = batch.found
     targets = [batch.targets[:, a] for a in range(len(attributes))]
     original_preds = [batch.original_preds[:, a] for a in range(len(attributes))]
