@@ -50,7 +50,7 @@ The CPU compiler upcasts bf16, so these are upper bounds, not the GPU numbers.
 UNet-forward equivalents per image per denoising step of each adjusted-DFT gradient path (config.train.dft_gradient):
 "rerun" (regenerate under remat, the original's way) and "stored_trajectory" (VJPs at the stored latents); see
 unet_equivalents. Measured 2026-12-02: tiny shapes, float32: rerun 5.70 / 5.94, stored 4.71 / 4.95 (text-encoder / UNet LoRA);
-SD-1.5 shapes, bfloat16, text-encoder LoRA: rerun 5.84, stored 4.85.
+SD-1.5 shapes, bfloat16: rerun 5.84 / 5.98, stored 4.85 / 4.98.
 """
 
 import argparse
