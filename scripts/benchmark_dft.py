@@ -4,7 +4,7 @@ original's PyTorch computation, in one run.
 Both sides: the same random-weight model (the JAX params converted from the PyTorch modules), a LoRA
 of the given rank on the UNet or on the text encoder, n DPM-Solver++(2M) steps with guidance 7.5,
 VAE decode, clamp, loss = sum(images * fixed weights), gradient w.r.t. the LoRA.
-  - fairdiff_jax: `sampler.sample_images_adjusted` in one jitted value_and_grad (text padded to 77
+  - fairdiff_jax: `adjusted_dft.sample_images_adjusted` in one jitted value_and_grad (text padded to 77
     tokens with masks; UNet call and VAE decode under jax.checkpoint; stop-gradient on UNet inputs).
   - PyTorch: tests/dft_torch_reference.py, the original's loop (detached UNet inputs, scheduler step
     on the undetached latents, c_i backward hooks, no activation checkpointing), LoRA added the
@@ -44,7 +44,7 @@ from dft_torch_reference import sample_images_adjusted as torch_sample_images_ad
 from lora_torch_reference import attach_unet_lora, patch_text_encoder  # noqa: E402
 from random_models import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
-from fairdiff_jax.sd import lora, sampler
+from fairdiff_jax.sd import adjusted_dft, lora
 from fairdiff_jax.sd import tiny as tiny_sd
 from fairdiff_jax.sd.loader import encode_text, tokenize_prompt_pair
 
@@ -109,7 +109,7 @@ def jax_value_and_grad(sd, target, rank, batch, steps):
     ids, text_mask, context_mask = tokenize_prompt_pair(sd.tokenizer, PROMPT, pad_to=sd.tokenizer.model_max_length)
     frozen_hidden = encode_text(sd.text_encoder, sd.text_encoder_params, ids, text_mask)
     schedule = sd.schedule(steps)
-    scales = sampler.dft_gradient_scales(sd.scheduler_config, schedule)
+    scales = adjusted_dft.dft_gradient_scales(sd.scheduler_config, schedule)
     h, w, c = sd.latent_shape
     noise = jax.random.normal(jax.random.key(1), (batch, h, w, c))
     weights = jax.random.normal(jax.random.key(2), (batch, sd.image_size, sd.image_size, 3))
@@ -120,7 +120,7 @@ def jax_value_and_grad(sd, target, rank, batch, steps):
             unet_params, hidden = lora.merge(unet_params, tree), frozen_hidden
         else:
             hidden = sd.text_encoder.apply({"params": lora.merge(text_params, tree)}, ids, text_mask)
-        images = sampler.sample_images_adjusted(
+        images = adjusted_dft.sample_images_adjusted(
             sd.unet, unet_params, sd.vae, vae_params, schedule, scales, noise, hidden[1:], hidden[:1], GUIDANCE,
             context_mask,
         )

@@ -75,7 +75,7 @@ import random_models  # noqa: E402  (scripts/, on sys.path when a script runs)
 from fairdiff_jax import config_cli
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.nn.attention import ATTENTION_IMPLS
-from fairdiff_jax.sd import sampler
+from fairdiff_jax.sd import adjusted_dft, sampler
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
 from fairdiff_jax.training.stages import Stages, Text, largest_divisor_at_most
@@ -328,7 +328,7 @@ def unet_equivalents(lora_part: str, micro_batch: int = 4, dtype=jnp.bfloat16, a
     m, (h, w, c) = micro_batch, sd.latent_shape
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     schedule = sampler.make_schedule(sd.scheduler_config, 1)
-    scales = sampler.dft_gradient_scales(sd.scheduler_config, schedule)
+    scales = adjusted_dft.dft_gradient_scales(sd.scheduler_config, schedule)
     text, mask = f32(1, 77, sd.unet.config.cross_attention_dim), jax.ShapeDtypeStruct((1, 77), jnp.int32)
     latents, weights = f32(m, h, w, c), f32(m, sd.image_size, sd.image_size, 3)
     rank = 50 if shapes == "sd15" else 4
@@ -352,14 +352,14 @@ def unet_equivalents(lora_part: str, micro_batch: int = 4, dtype=jnp.bfloat16, a
     def rerun_gradient(unet_params, vae_params, trainable, cond, uncond, mask, noise, weights):
         def loss(trainable, cond, uncond):
             params = lora_lib.merge(unet_params, trainable) if trainable else unet_params
-            images = sampler.sample_images_adjusted(sd.unet, params, sd.vae, vae_params, schedule, scales, noise, cond, uncond, 7.5, mask)
+            images = adjusted_dft.sample_images_adjusted(sd.unet, params, sd.vae, vae_params, schedule, scales, noise, cond, uncond, 7.5, mask)
             return jnp.sum(images * weights)
         return jax.grad(loss, argnums=(0, 1, 2))(trainable, cond, uncond)
 
     def stored_gradient(unet_params, vae_params, trainable, cond, uncond, mask, trajectory, final, weights):
         def loss(trainable, cond, uncond):
             params_of = lambda t: lora_lib.merge(unet_params, t) if t else unet_params  # noqa: E731
-            images = sampler.images_from_trajectory(sd.unet, params_of, trainable, sd.vae, vae_params, schedule, scales, trajectory,
+            images = adjusted_dft.images_from_trajectory(sd.unet, params_of, trainable, sd.vae, vae_params, schedule, scales, trajectory,
                                                     final, cond, uncond, 7.5, mask)
             return jnp.sum(images * weights)
         return jax.grad(loss, argnums=(0, 1, 2))(trainable, cond, uncond)

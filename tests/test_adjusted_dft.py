@@ -1,4 +1,4 @@
-"""Adjusted direct finetuning: sampler.sample_images_adjusted's LoRA gradients against the original's
+"""Adjusted direct finetuning: adjusted_dft.sample_images_adjusted's LoRA gradients against the original's
 PyTorch computation (tests/dft_torch_reference.py) on the tiny model.
 
 The JAX side runs the trainer's form: text padded to 77 tokens with masks (one compilation for all
@@ -23,7 +23,7 @@ from lora_torch_reference import attach_unet_lora, patch_text_encoder
 from transformers import CLIPTextModel
 
 from fairdiff_jax.sd import loader as stable_diffusion
-from fairdiff_jax.sd import lora, sampler
+from fairdiff_jax.sd import adjusted_dft, lora, sampler
 from fairdiff_jax.sd import tiny as tiny_sd
 
 PROMPT = "a photo of the face of a doctor, a person"
@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
 
     def loss(unet_lora, text_lora, scales):
         hidden = sd.text_encoder.apply({"params": lora.merge(sd.text_encoder_params, text_lora)}, ids, text_mask)
-        images = sampler.sample_images_adjusted(
+        images = adjusted_dft.sample_images_adjusted(
             sd.unet, lora.merge(sd.unet_params, unet_lora), sd.vae, sd.vae_params, schedule, scales,
             jnp.asarray(noise), hidden[1:], hidden[:1], GUIDANCE, jnp.asarray(context_mask),
         )
@@ -106,7 +106,7 @@ def _torch_grads(s, unet_tree, text_tree, **variant):
 
 
 def _jax_grads(s, unet_tree, text_tree, scales=None):
-    scales = sampler.dft_gradient_scales(s.sd.scheduler_config, s.schedule) if scales is None else scales
+    scales = adjusted_dft.dft_gradient_scales(s.sd.scheduler_config, s.schedule) if scales is None else scales
     (unet_grad, text_grad), images = s.grad(unet_tree, text_tree, scales)
     return np.asarray(images), lora.original_state_dict(unet_grad, "unet"), lora.original_state_dict(text_grad, "text_encoder")
 
@@ -122,7 +122,7 @@ def test_gradient_scales_match_the_original_formula():
     for steps in (5, 19, 23):
         scheduler = DPMSolverMultistepScheduler(**tiny_sd.SCHEDULER_CONFIG)
         scheduler.set_timesteps(steps)
-        got = np.asarray(sampler.dft_gradient_scales(config, sampler.make_schedule(config, steps)))
+        got = np.asarray(adjusted_dft.dft_gradient_scales(config, sampler.make_schedule(config, steps)))
         # Ours in float64; the original's torch float32 betas give 1 - alpha_t = beta_t ~ 1e-3 near t = 0
         # with ~1e-7 absolute error: measured max relative difference 2.3e-5.
         np.testing.assert_allclose(got, original_gradient_scales(scheduler), rtol=1e-4)

@@ -1,5 +1,5 @@
-"""The adjusted-DFT gradient from a stored sampling trajectory (sampler.images_from_trajectory) equals the one that
-re-runs the denoising chain (sampler.sample_images_adjusted), for the UNet LoRA, the text-encoder LoRA and both,
+"""The adjusted-DFT gradient from a stored sampling trajectory (adjusted_dft.images_from_trajectory) equals the one that
+re-runs the denoising chain (adjusted_dft.sample_images_adjusted), for the UNet LoRA, the text-encoder LoRA and both,
 on the tiny model in float32."""
 
 from types import SimpleNamespace
@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from fairdiff_jax.sd import loader as stable_diffusion
-from fairdiff_jax.sd import lora, sampler
+from fairdiff_jax.sd import adjusted_dft, lora, sampler
 from fairdiff_jax.sd import tiny as tiny_sd
 
 PROMPT = "a photo of the face of a doctor, a person"
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     folder = tiny_sd.build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=3)
     sd = stable_diffusion.load_stable_diffusion(folder)
     schedule = sd.schedule(STEPS)
-    scales = sampler.dft_gradient_scales(sd.scheduler_config, schedule)
+    scales = adjusted_dft.dft_gradient_scales(sd.scheduler_config, schedule)
     ids, text_mask, context_mask = stable_diffusion.tokenize_prompt_pair(sd.tokenizer, PROMPT, pad_to=sd.tokenizer.model_max_length)
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.normal(size=(BATCH, *sd.latent_shape)), jnp.float32)
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
 
     def rerun_loss(unet_lora, text_lora):
         cond, uncond = embeddings(text_lora)
-        images = sampler.sample_images_adjusted(sd.unet, lora.merge(sd.unet_params, unet_lora), sd.vae, sd.vae_params, schedule,
+        images = adjusted_dft.sample_images_adjusted(sd.unet, lora.merge(sd.unet_params, unet_lora), sd.vae, sd.vae_params, schedule,
                                                 scales, noise, cond, uncond, GUIDANCE, context_mask)
         return jnp.sum(images * weights), images
 
@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
 
         def loss(unet_lora, text_lora):
             cond, uncond = embeddings(text_lora)
-            images = sampler.images_from_trajectory(
+            images = adjusted_dft.images_from_trajectory(
                 sd.unet, lambda t: lora.merge(sd.unet_params, t), unet_lora, sd.vae, sd.vae_params, schedule, scales,
                 trajectory, final, cond, uncond, GUIDANCE, context_mask,
             )

@@ -31,6 +31,7 @@ from flax import struct
 from fairdiff_jax.judging import crops
 from fairdiff_jax.judging import detection as detection_lib
 from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.sd import adjusted_dft
 from fairdiff_jax.sd import lora as lora_lib
 from fairdiff_jax.sd import sampler
 from fairdiff_jax.sd.loader import StableDiffusion
@@ -139,7 +140,7 @@ def prepare(
     clock = _Clock(timings)
     text = stages.tokenize(prompt)
     schedule = sampler.make_schedule(stages.sd.scheduler_config, num_steps)
-    gradient_scales = sampler.dft_gradient_scales(stages.sd.scheduler_config, schedule)
+    gradient_scales = adjusted_dft.dft_gradient_scales(stages.sd.scheduler_config, schedule)
     constants = StepConstants(frozen, text, *parallel.replicate((schedule, gradient_scales), mesh))
     noise = stages.noise(key, config.train.images_per_prompt)
     chunk = config.train.generation_batch_size
@@ -197,13 +198,13 @@ def debias_loss(lora: dict, constants: StepConstants, batch: StepBatch, rng: jax
     cond, uncond = encode_prompt(sd, merged(frozen, lora, "text_encoder"), text)
     if config.train.dft_gradient == "stored_trajectory":  # docs/method.md#adjusted-direct-finetuning
         unet_lora = lora.get("unet", {})
-        images = sampler.images_from_trajectory(
+        images = adjusted_dft.images_from_trajectory(
             sd.unet, lambda unet_lora: merged(frozen, {"unet": unet_lora} if unet_lora else {}, "unet"), unet_lora,
             sd.vae, frozen["vae"], constants.schedule, constants.gradient_scales, batch.trajectory, batch.final_latents,
             cond, uncond, config.model.guidance_scale, text.context_mask,
         )
     else:  # "rerun": regenerate X under remat
-        images = sampler.sample_images_adjusted(
+        images = adjusted_dft.sample_images_adjusted(
             sd.unet, merged(frozen, lora, "unet"), sd.vae, frozen["vae"], constants.schedule,
             constants.gradient_scales, batch.noise, cond, uncond, config.model.guidance_scale, text.context_mask,
         )
