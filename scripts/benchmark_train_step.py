@@ -261,7 +261,7 @@ def print_fraction_of_peak(flops: dict, seconds: dict, device_kind: str, dtype: 
 
 
 def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, images_per_device: int = 20,
-                num_steps: int = 23, dtype=jnp.bfloat16, attention_impl: str = "chunked") -> None:
+                num_steps: int = 23, dtype=jnp.bfloat16, attention_impl: str = "chunked", dft_gradient: str = "stored_trajectory") -> None:
     from fairdiff_jax.judging import tiny as tiny_assets
 
     sd, judges, judge_variables = random_models.abstract_models(random_models.SHAPES["sd15"], dtype, attention_impl)
@@ -269,6 +269,7 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     config = config_cli.load_config(str(ROOT / "configs" / "debias_text_encoder.py"))
     config.lora.train_text_encoder, config.lora.train_unet = train_text_encoder, train_unet
     config.train.micro_batch_size, config.train.images_per_prompt = micro_batch, images_per_device
+    config.train.dft_gradient = dft_gradient
     stages = Stages(sd, judges, config, mesh, tiny_assets.CentralFaceDetector())
 
     lora = jax.eval_shape(lambda: debias_step.init_lora(jax.random.key(0), sd, 50, train_text_encoder, train_unet))
@@ -387,6 +388,8 @@ def main(argv=None):
                         help="with --sd15-shapes: which LoRA configuration(s) to compile (each takes minutes)")
     parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default="chunked",
                         help="with --sd15-shapes: the UNet's and VAE's attention kernel ('cudnn' on a GPU)")
+    parser.add_argument("--dft_gradient", choices=("stored_trajectory", "rerun"), default="stored_trajectory",
+                        help="with --sd15-shapes: the adjusted-DFT gradient path to compile")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (scripts/torch_train_step.py)")
     parser.add_argument("--sd15-unet-equivalents", action="store_true",
                         help="count UNet-forward equivalents per image per denoising step of both gradient paths (compile only)")
@@ -397,9 +400,9 @@ def main(argv=None):
         return
     if args.sd15_shapes:
         if args.sd15_lora in ("text_encoder", "both"):
-            sd15_memory(True, False, 4, attention_impl=args.attention_impl)
+            sd15_memory(True, False, 4, attention_impl=args.attention_impl, dft_gradient=args.dft_gradient)
         if args.sd15_lora in ("unet", "both"):
-            sd15_memory(False, True, 3, attention_impl=args.attention_impl)
+            sd15_memory(False, True, 3, attention_impl=args.attention_impl, dft_gradient=args.dft_gradient)
         return
     if not any(a.startswith("--config") for a in config_args):
         config_args = ["--config", str(ROOT / "configs" / "tiny.py")] + config_args
