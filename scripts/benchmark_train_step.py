@@ -296,7 +296,7 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     compiled = debias_step.make_train_step(stages).lower(state, constants, batch, jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
     part = "text encoder" if train_text_encoder and not train_unet else ("UNet" if not train_text_encoder else "both")
-    print(f"SD-1.5 shapes, {part} LoRA, micro-batch {micro_batch}, {b} images per device, {num_steps} steps, "
+    print(f"SD-1.5 shapes, {part} LoRA, '{dft_gradient}' adjusted-DFT gradient, micro-batch {micro_batch}, {b} images per device, {num_steps} steps, "
           f"{jnp.dtype(dtype).name} frozen weights, '{attention_impl}' attention in the UNet and VAE (compiled in {time.perf_counter() - started:.0f} s on {jax.devices()[0].device_kind}):")
     if memory is None:
         print("  memory analysis not available on this backend")
