@@ -129,7 +129,10 @@ def test_gradient_scales_match_the_original_formula():
         assert abs(np.log(got).mean()) < 1e-5 and got.max() / got.min() > 2  # normalised, not constant
 
 
-@pytest.mark.parametrize("trained", [("unet",), ("text_encoder",), ("unet", "text_encoder")], ids="+".join)
+# Both LoRAs together in the default suite; each alone (a compile each, ~1 min) in the slow one.
+@pytest.mark.parametrize("trained", [pytest.param(("unet",), marks=pytest.mark.slow),
+                                     pytest.param(("text_encoder",), marks=pytest.mark.slow), ("unet", "text_encoder")],
+                         ids="+".join)
 def test_lora_gradients_match_the_original(setup, trained):
     s = setup
     unet_tree = _lora_tree(s.sd.unet_params, "unet", 1, "unet" in trained)

@@ -1,5 +1,9 @@
 """A few debiasing steps in the miniature world (configs/miniature.py, the committed assets/miniature) lower the
 gender x race gap of the training batch: the gradient of the distributional alignment loss points the right way.
+The evaluation's guards (fidelity precision against the world's balanced renders, prompt consistency, face share;
+from the evaluation judges, independent of the loss's) are measured on the same images: fidelity must stay near the
+original's, so a gap that falls because the images were destroyed fails. Consistency and face share do not hold
+yet at this rate (a strict xfail records it).
 
 Per seed: a fresh text-encoder LoRA (its own initialisation and noise), the gap of the images of one training
 prompt, STEPS training steps on that prompt, then the gap of the images from the same initial noise again. The
@@ -7,13 +11,15 @@ original model draws this prompt's images from one or two joint classes (gap nea
 """
 
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 import pytest
 
 from fairdiff_jax import config_cli
-from fairdiff_jax.eval import bias
+from fairdiff_jax.eval import bias, from_config
+from fairdiff_jax.eval.evaluator import PromptResults, prompt_metrics
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.training import optim, parallel
 from fairdiff_jax.training import step as debias_step
@@ -25,6 +31,10 @@ PROMPT = "a photo of the face of a doctor, a person"
 SEEDS = (0, 1)
 STEPS = 8
 DENOISING_STEPS = 8
+GUARDS = ("fidelity_precision", "consistency", "face_share")
+# After the steps each guard must keep this share of its value on the original's images (the held-out target is
+# 0.9; a few images per seed make the estimate coarse, hence the margin).
+KEPT = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +43,44 @@ def world():
         f"assets_dir={ROOT / 'assets' / 'miniature'}",
         "train.images_per_prompt=16", "train.micro_batch_size=16", "train.generation_batch_size=16",
         # A step size that shows the direction within a few steps (the recipe itself uses 5e-3 over many).
-        "optim.learning_rate=2e-2",
+        "optim.learning_rate=1e-2",
     ])
     sd, judges, judge_variables = load_models(config)
     mesh = parallel.make_mesh()
     stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
-    return config, sd, stages, frozen, mesh
+    evaluator = from_config.load_evaluator(config)
+    reference = from_config.world_reference_features(evaluator, PROMPT, config.eval.reference_images_per_prompt)
+    return config, sd, stages, frozen, mesh, evaluator, reference
 
 
 def joint_gap(stages, prepared) -> float:
     return bias.bias_metrics(prepared.probs, prepared.detections.found, stages.judges.attributes)["gender_race_bias"]
 
 
-def test_a_few_steps_lower_the_training_batch_gap(world):
-    config, sd, stages, frozen, mesh = world
+def guards(evaluator, reference, prepared) -> np.ndarray:
+    """[3] the GUARDS of the batch's images as the evaluation measures them."""
+    images = np.asarray(prepared.images, np.float32)
+    result = PromptResults.from_rows([str(j) for j in range(len(images))], evaluator.judge(images, PROMPT))
+    row = prompt_metrics(result, reference, evaluator.fidelity_k)
+    return np.array([row[name] for name in GUARDS])
+
+
+class Run(NamedTuple):
+    """Per seed: the gender x race gap and the GUARDS of the training prompt's images before and after STEPS steps."""
+
+    gap_before: np.ndarray  # [seeds]
+    gap_after: np.ndarray
+    guards_before: np.ndarray  # [seeds, 3]
+    guards_after: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def run(world) -> Run:
+    config, sd, stages, frozen, mesh, evaluator, reference = world
     o = config.optim
     train_step = debias_step.make_train_step(stages)
-    before, after = [], []
+    before, after, guards_before, guards_after = [], [], [], []
     for seed in SEEDS:
         lora = debias_step.init_lora(jax.random.key(seed), sd, config.lora.rank, True, False)
         tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
@@ -58,6 +88,7 @@ def test_a_few_steps_lower_the_training_batch_gap(world):
         first_key = debias_step.step_key(state.rng, 0)
         prepared = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)
         before.append(joint_gap(stages, prepared))
+        guards_before.append(guards(evaluator, reference, prepared))
         for step in range(STEPS):
             key = debias_step.step_key(state.rng, step)
             prepared = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, step, key)
@@ -65,6 +96,27 @@ def test_a_few_steps_lower_the_training_batch_gap(world):
             assert int(logs["skipped"]) == 0
         again = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)
         after.append(joint_gap(stages, again))
-    print(f"gender x race gap before {before}, after {STEPS} steps {after}")
-    assert min(before) > 0.2, "the original miniature model should be strongly biased on this prompt"
-    assert np.mean(after) < np.mean(before) - 0.02
+        guards_after.append(guards(evaluator, reference, again))
+    result = Run(*map(np.asarray, (before, after, guards_before, guards_after)))
+    print(f"gender x race gap before {before}, after {STEPS} steps {after}; {GUARDS} before "
+          f"{result.guards_before.mean(0)}, after {result.guards_after.mean(0)}")
+    return result
+
+
+def kept(run: Run) -> dict[str, float]:
+    """Each guard after the steps as a share of its value on the original's images."""
+    return dict(zip(GUARDS, run.guards_after.mean(0) / run.guards_before.mean(0)))
+
+
+def test_a_few_steps_lower_the_gap_and_keep_fidelity(run):
+    assert run.gap_before.min() > 0.2, "the original miniature model should be strongly biased on this prompt"
+    assert run.gap_after.mean() < run.gap_before.mean() - 0.02
+    assert np.all(run.guards_before.mean(0) > 0.3), "the evaluation judges should accept the original's images"
+    assert kept(run)["fidelity_precision"] >= KEPT, kept(run)
+
+
+@pytest.mark.xfail(strict=True, reason="the loss's own guardrails (similarity towers, face net, training detector) do "
+                   "not see content yet: at this rate consistency and face share keep ~0.75 of the original's "
+                   "(README, 'Judges that a destroyed image cannot pass'); strict, so it fails once they hold")
+def test_a_few_steps_keep_the_scene_and_the_face(run):
+    assert all(kept(run)[name] >= KEPT for name in ("consistency", "face_share")), kept(run)
