@@ -10,7 +10,8 @@ Writes under --out:
     scene_classifier.pt         torchvision mobilenet_v3_large(width_mult=0.25) state dict (float16), heads
     scene_classifier.json       subject / style / context, each with a "(no scene)" class for ruined images
 
-Both judges see other seeds and other data draws than the training detector and classifiers. The numbers
+Every image set (training, calibration, measurement) is `eval_judges.judge_dataset`: 40% the world's mix, 60%
+every style x context combination in equal shares. Both judges see other seeds and other data draws than the training detector and classifiers. The numbers
 printed at the end (recall and false-positive rate per image set, scene accuracy per head) are measured on
 held-out renders, their VAE reconstructions and their ruins, with the stored (float16) weights, and written
 to manifest.json. Deterministic for a given seed and thread count.
@@ -74,10 +75,10 @@ def ruin_sets(vae, images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) -> dict:
     """Trains, calibrates, saves and measures the evaluation detector; returns its manifest entry."""
-    _, faces = world.dataset(num_images, seed)
+    _, faces = eval_judges.judge_dataset(num_images, seed)
     faces = drawing.concatenate([faces, bm.decoded(vae, bm.first(faces, num_images // 2))])
-    backgrounds = world.background_renders(num_images // 4, seed + 1)
-    _, to_ruin = world.dataset(num_images // 2, seed + 2)
+    backgrounds = eval_judges.judge_dataset(num_images // 4, seed + 1, with_faces=False)[1]
+    _, to_ruin = eval_judges.judge_dataset(num_images // 2, seed + 2)
     ruined, kind = eval_judges.ruin_negatives(np.concatenate([to_ruin.images, backgrounds.images[: num_images // 8]]), seed + 3)
     negatives = np.concatenate([ruined, vae_ruins(vae, ruined[::2], kind[::2])])
     log(f"eval detector data: {len(faces.images)} faces, {len(backgrounds.images)} scenes, {len(negatives)} ruins")
@@ -87,10 +88,10 @@ def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) 
     detector = detector_lib.MiniatureFaceDetector(params, world.IMAGE_SIZE)
 
     def held_out(data_seed: int):
-        _, renders = world.dataset(600, data_seed)
+        _, renders = eval_judges.judge_dataset(600, data_seed)
         positives = {"renders": renders.images, "renders (VAE)": vae_images(vae, renders.images)}
-        negatives = {"scenes": world.background_renders(300, data_seed + 1).images,
-                     **ruin_sets(vae, world.dataset(300, data_seed + 2)[1].images, data_seed + 3)}
+        negatives = {"scenes": eval_judges.judge_dataset(300, data_seed + 1, with_faces=False)[1].images,
+                     **ruin_sets(vae, eval_judges.judge_dataset(300, data_seed + 2)[1].images, data_seed + 3)}
         return positives, negatives
 
     positives, negatives = held_out(seed + 10)
@@ -107,11 +108,11 @@ def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) 
 
 def build_scene_classifier(out: Path, vae, seed: int, num_images: int, steps: int, log) -> dict:
     """Trains, saves and measures the scene classifier; returns its manifest entry."""
-    prompts, renders = world.dataset(num_images, seed)
+    prompts, renders = eval_judges.judge_dataset(num_images, seed)
     half = num_images // 2
     images = np.concatenate([renders.images, vae_images(vae, renders.images[:half])])
     labels = eval_judges.scene_labels(prompts + prompts[:half])
-    ruined, kind = eval_judges.ruin_negatives(world.dataset(num_images // 4, seed + 1)[1].images, seed + 2)
+    ruined, kind = eval_judges.ruin_negatives(eval_judges.judge_dataset(num_images // 4, seed + 1)[1].images, seed + 2)
     ruined = np.concatenate([ruined, vae_ruins(vae, ruined[::2], kind[::2])])
     images = np.concatenate([images, ruined]).astype(np.float16)
     labels = {h: np.concatenate([labels[h], eval_judges.no_scene_labels(len(ruined))[h]]) for h in labels}
@@ -127,7 +128,7 @@ def build_scene_classifier(out: Path, vae, seed: int, num_images: int, steps: in
     logits = jax.jit(lambda v, x: {h: l.argmax(-1) for h, l in scene_lib.scene_logits(scene, v, x).items()})
     predict = lambda x: {h: np.concatenate([np.asarray(logits(variables, x[s:s + 500])[h]) for s in range(0, len(x), 500)])  # noqa: E731
                          for h, _ in eval_judges.SCENE_HEADS}
-    held_prompts, held = world.dataset(1000, seed + 10)
+    held_prompts, held = eval_judges.judge_dataset(1000, seed + 10)
     held_labels = eval_judges.scene_labels(held_prompts)
     report = {"renders": eval_judges.scene_report(predict, held.images, held_labels),
               "renders (VAE)": eval_judges.scene_report(predict, vae_images(vae, held.images), held_labels)}
@@ -171,9 +172,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--detector_images", type=int, default=4000, help="face renders (half also VAE-decoded)")
-    parser.add_argument("--detector_steps", type=int, default=400)
+    parser.add_argument("--detector_steps", type=int, default=800)
     parser.add_argument("--scene_images", type=int, default=6000, help="renders (half also VAE-decoded)")
-    parser.add_argument("--scene_steps", type=int, default=1500)
+    parser.add_argument("--scene_steps", type=int, default=2500)
     parser.add_argument("--judges", nargs="+", choices=("eval_detector", "scene_classifier"),
                         default=("eval_detector", "scene_classifier"), help="which judges to build (default: both)")
     args = parser.parse_args(argv)

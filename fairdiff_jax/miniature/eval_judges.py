@@ -12,6 +12,7 @@ Two judges, independent of the networks the debiasing loss uses (scripts/build_e
   the label of ruined images, so that a ruin is not read as the closest scene (and its pooled features, the
   fidelity metric's feature space, lie apart from every real scene's).
 
+    prompts, renders = judge_dataset(1000, seed=0)           # 40% the world's mix, 60% every style x context
     negatives = ruin_negatives(renders, seed=0)              # drawing.Renders, has_face False, one ruin per image
     labels = scene_labels(prompts)                           # {head: [N] int}
     threshold = choose_threshold(face_probs, {"blobs": probs, ...}, max_false_positive_rate=0.01)
@@ -30,6 +31,33 @@ SCENE_HEADS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("style", world.STYLES + (NO_SCENE,)),
     ("context", world.CONTEXTS + (NO_SCENE,)),
 )
+
+
+# The share of a judge's data drawn with every style x context combination equally often (the rest follows the
+# world's own mix, which is ~80% photos without context): the judges must read a watercolour night scene as
+# surely as a photo, since the before/after tables score prompts of every style and context.
+BALANCED_SHARE = 0.6
+
+
+def judge_prompts(n: int, rng: np.random.Generator, balanced_share: float = BALANCED_SHARE) -> list[str]:
+    """n prompts in random order: round(balanced_share * n) of them cycle through every (style, context) of the
+    world (photo without context included) with a random occupation, the rest are `world.training_prompts`
+    (every subject and prompt form)."""
+    num_balanced = int(round(balanced_share * n))
+    combos = [(style, context) for style in world.STYLES for context in world.CONTEXTS]
+    occupations = rng.integers(len(world.OCCUPATIONS), size=num_balanced)
+    balanced = [world.style_context_prompt(combos[i % len(combos)][0], world.OCCUPATIONS[o], combos[i % len(combos)][1])
+                for i, o in enumerate(occupations)]
+    prompts = world.training_prompts(n - num_balanced, rng) + balanced
+    return [prompts[i] for i in rng.permutation(n)]
+
+
+def judge_dataset(n: int, seed: int, with_faces: bool = True) -> tuple[list[str], drawing.Renders]:
+    """n (prompt, render) pairs of `judge_prompts` (with_faces False: the same scenes with no figure),
+    deterministic by seed."""
+    rng = np.random.default_rng(seed)
+    prompts = judge_prompts(n, rng)
+    return prompts, world.render_prompts(prompts, rng, has_face=None if with_faces else np.zeros(n, bool))
 
 
 def scene_labels(prompts: Sequence[str]) -> dict[str, np.ndarray]:
