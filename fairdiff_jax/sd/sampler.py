@@ -226,17 +226,10 @@ def sample_latents(
     """Runs the n steps of `schedule` from `noise` (x at the first timestep; init sigma is 1).
 
     noise: [B, h, w, C] float32 -> final latents [B, h, w, C] float32 (before the VAE's scaling).
-    eps_fn, cond, uncond, context_mask: as in `guided_eps`.
+    eps_fn, cond, uncond, context_mask: as in `guided_eps`. The trajectory `sample_trajectory` also returns is
+    unused here, and JAX drops an unused scan output, so nothing is stored.
     """
-
-    def body(carry, step):
-        latents, prev_x0 = carry
-        eps = guided_eps(eps_fn, latents, schedule.timesteps[step], cond, uncond, guidance_scale, context_mask)
-        return solver_step(schedule, step, latents, eps, prev_x0), None
-
-    noise = noise.astype(jnp.float32)
-    (latents, _), _ = jax.lax.scan(body, (noise, jnp.zeros_like(noise)), jnp.arange(schedule.num_steps))
-    return latents
+    return sample_trajectory(eps_fn, schedule, noise, cond, uncond, guidance_scale, context_mask)[0]
 
 
 def sample_trajectory(
