@@ -204,7 +204,7 @@ def test_build_script_writes_loadable_assets(tmp_path):
                           (config["test_classifiers"]["race"], 4), (config["test_classifiers"]["age"], 2)):
         module, _ = load_mobilenet_v3(out / path)
         assert module.num_classes == classes
-    assert load_face_bank(out / config["face_bank_path"]).shape == (8 * 3, 512)
+    assert load_face_bank(out / config["face_bank_path"]).shape == (8 * 3, build.SFNET_FEATURE_DIM)
     images = jnp.zeros((2, world.IMAGE_SIZE, world.IMAGE_SIZE, 3))
     clip, clip_params = load_clip_vision(out / config["clip_vision_path"])
     assert clip_image_embeds(clip, clip_params, images).shape[0] == 2
