@@ -390,9 +390,14 @@ def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, c
     (reference / "prompt_0").mkdir(parents=True)
     shutil.copy(images / "prompt_0" / "img_0.jpg", reference / "prompt_0" / "img_1.jpg")
     shutil.copy(images / "prompt_0" / "img_1.jpg", reference / "prompt_0" / "img_0.jpg")
+    # prompt_1's one reference is a truncated file: skipped with a warning naming it, its pair NaN like a missing one.
+    (reference / "prompt_1").mkdir()
+    truncated = reference / "prompt_1" / "img_0.jpg"
+    truncated.write_bytes((images / "prompt_1" / "img_0.jpg").read_bytes()[:200])
     nets = load_similarity_nets(clip_folder, dino_folder)
     results = ev.evaluate_folder(images, bright_evaluator(classifiers, similarity=nets), reference_dir=reference,
                                  batch_size=2, progress=False)
+    assert f"warning: skipping unreadable reference image {truncated}" in capsys.readouterr().err
     pair = read_images([images / "prompt_0" / "img_0.jpg", images / "prompt_0" / "img_1.jpg"])
     for similarity, tower, embed in zip((results[0].clip_similarity, results[0].dino_similarity), nets,
                                         (clip_vision_lib.clip_image_embeds, dinov2.dino_image_embeds)):

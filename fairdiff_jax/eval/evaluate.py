@@ -121,6 +121,11 @@ def _with_similarity(results, files, reference_dir, evaluator, cache_dir, batch_
     settings = fingerprint("similarity", measured, [tower.params for tower in nets if tower is not None])
     references = {i: [reference_dir / paths[0].parent.name / p.name for p in paths] if paths else [] for i, paths in files.items()}
     has_reference = {i: np.array([r.is_file() for r in refs], bool) for i, refs in references.items()}
+    for i, refs in references.items():  # an unreadable reference image leaves its pair's similarity NaN, as a missing one
+        bad = {path for path, why in unreadable_images([r for r, ok in zip(refs, has_reference[i]) if ok])}
+        for path in sorted(bad):
+            print(f"warning: skipping unreadable reference image {path}", file=sys.stderr)
+        has_reference[i] &= np.array([r not in bad for r in refs], bool)
     pairs = {i: [(p, r) for p, r, ok in zip(files[i], references[i], has_reference[i]) if ok] for i in files}
     caches = {i: RowCache.for_files(cache_dir / f"prompt_{i}_similarity.npz" if cache_dir else None, settings, both,
                                     {name: ((), np.float32) for name in measured})
