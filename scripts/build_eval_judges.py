@@ -84,10 +84,11 @@ def detector_held_out(vae, data_seed: int, num_faces: int = 600, num_negatives: 
     return positives, negatives
 
 
-def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log, file_name: str = DETECTOR_FILE) -> dict:
-    """Trains, calibrates, saves (as out/file_name) and measures a detector with hard negatives; returns its manifest
-    entry. The evaluation detector and the training detector (scripts/build_guardrails.py) are this detector from
-    other seeds."""
+def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log, file_name: str = DETECTOR_FILE,
+                   max_false_positive_rate: float = 0.01) -> dict:
+    """Trains, calibrates (`eval_judges.choose_threshold` with `max_false_positive_rate` per negative kind), saves (as
+    out/file_name) and measures a detector with hard negatives; returns its manifest entry. The evaluation detector
+    and the training detector (scripts/build_guardrails.py) are this detector from other seeds."""
     _, faces = eval_judges.judge_dataset(num_images, seed)
     faces = drawing.concatenate([faces, bm.decoded(vae, bm.first(faces, num_images // 2))])
     backgrounds = eval_judges.judge_dataset(num_images // 4, seed + 1, with_faces=False)[1]
@@ -103,7 +104,8 @@ def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log, 
     positives, negatives = detector_held_out(vae, seed + 10)
     threshold = eval_judges.choose_threshold(
         np.concatenate([detector.face_probability(x) for x in positives.values()]),
-        {name: detector.face_probability(x) for name, x in negatives.items() if name != REDRAWN_BY_THE_DECODER})
+        {name: detector.face_probability(x) for name, x in negatives.items() if name != REDRAWN_BY_THE_DECODER},
+        max_false_positive_rate)
     log(f"{file_name} threshold {threshold:.4f} (chosen on held-out set A)")
     detector_lib.save_detector(params, world.IMAGE_SIZE, out / file_name, threshold=threshold, dtype=np.float16)
     detector = detector_lib.MiniatureFaceDetector.from_file(out / file_name)

@@ -97,13 +97,16 @@ def mild_variants(data: dict[str, np.ndarray], index: np.ndarray, rng: np.random
 
 def train_tower(model, embed, mean: Sequence[float], std: Sequence[float], data: dict[str, np.ndarray], steps: int,
                 seed: int, log: bm.Log, name: str, batch_size: int = 32, learning_rate: float = 2e-3,
-                temperature: float = 0.1, attribute_weight: float = 0.5):
+                temperature: float = 0.1, attribute_weight: float = 0.5, ruin_ceiling: float = 0.2, ruin_weight: float = 4.0):
     """Contrastive training (InfoNCE, temperature `temperature`) of a ViT on `tower_data`: for each image of a batch
     the positive is a mild variant (`mild_variants`) and the negatives are the batch's other variants and every
     ruin of the batch (one per image, plain or VAE-decoded), its own ruin included; a second InfoNCE, weighted
     `attribute_weight`, has the image with another gender x race as the positive against the same negatives, so
-    that an attribute change stays closer than a ruin. Symmetric in image and variant. Returns the model (eval,
-    rounded to the stored dtype)."""
+    that an attribute change stays closer than a ruin. Symmetric in image and variant. InfoNCE only ranks: a ruin
+    that keeps most of the picture (a scrambled layout, a wiped face) can stay at a high cosine as long as the variant
+    is higher still, so a hinge, weighted `ruin_weight`, also pushes cos(image, its own ruin) below `ruin_ceiling`:
+    the loss's 1 - cos must be large for a ruin, not only larger. Returns the model (eval, rounded to the stored
+    dtype)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), learning_rate, weight_decay=1e-4)
@@ -118,7 +121,8 @@ def train_tower(model, embed, mean: Sequence[float], std: Sequence[float], data:
         image, variant, changed, ruined = z.split(batch_size)
         infonce = lambda a, b: torch.nn.functional.cross_entropy(  # noqa: E731
             torch.cat([a @ b.T, a @ ruined.T], dim=1) / temperature, targets)
-        loss = infonce(image, variant) + infonce(variant, image) + attribute_weight * infonce(image, changed)
+        hinge = torch.relu((image * ruined).sum(1) - ruin_ceiling).mean()
+        loss = infonce(image, variant) + infonce(variant, image) + attribute_weight * infonce(image, changed) + ruin_weight * hinge
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -345,8 +349,17 @@ def detector_report(out: Path, vae, seed: int, n: int = 400) -> dict:
     _, renders = eval_judges.judge_dataset(n, seed + 5)
     negatives["face_wiped"] = guardrail_data.face_wiped(renders.images, renders.boxes, np.random.default_rng(seed + 6))
     negatives["face_wiped (VAE)"] = bej.vae_images(vae, negatives["face_wiped"])
-    return {"threshold": round(detector.threshold, 4),
-            **eval_judges.detector_report(detector.face_probability, detector.threshold, positives, negatives)}
+    report = {"threshold": round(detector.threshold, 4),
+              **eval_judges.detector_report(detector.face_probability, detector.threshold, positives, negatives)}
+    # What training feeds it: the world's generator's own images (DPM-Solver++, CFG 7.5) of two test prompts per kind.
+    import tempfile
+
+    prompts = [content["test_prompts"][k] for content in world.prompt_sets().values() for k in range(2)]
+    with tempfile.TemporaryDirectory() as folder:
+        rows = bm.check_generator(out / "sd", prompts, n // 16, detector, classifier_for_bank(out), bm.SIZE_FACE,
+                                  bm.EXPAND_COEF, Path(folder) / "grid.png", seed + 7)
+    report["recall"]["generated"] = round(float(np.mean([row["face_found"] for row in rows])), 4)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +375,10 @@ def measure(out: Path, vae, seed: int, n: int = 400) -> dict:
 
 
 STAGES = ("similarity towers", "sfnet and face bank", "training detector")
+# The training detector's threshold admits up to 10% of each held-out ruin kind (the evaluation detector's: 1%): at
+# the strict bound it also rejects more than half of the world generator's own faces (measured: 43% found, none for
+# some prompts), and a face it misses is one the fairness loss never sees.
+DETECTOR_FALSE_POSITIVE_RATE = 0.1
 
 
 def build_stages(out: Path, vae, seed: int, log: bm.Log, tower_images: int, tower_steps: int, sfnet_images: int,
@@ -374,7 +391,7 @@ def build_stages(out: Path, vae, seed: int, log: bm.Log, tower_images: int, towe
         "sfnet and face bank": lambda: build_sfnet(out, vae, seed + 200, sfnet_images, sfnet_steps, bank_per_class, log,
                                                    sfnet_widths),
         "training detector": lambda: bej.build_detector(out, vae, seed + 700, detector_images, detector_steps, log,
-                                                        DETECTOR_FILE),
+                                                        DETECTOR_FILE, DETECTOR_FALSE_POSITIVE_RATE),
     }
     for name in stages:
         began = bm.now()
@@ -385,9 +402,9 @@ def build_stages(out: Path, vae, seed: int, log: bm.Log, tower_images: int, towe
 def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     """The guardrails' data sizes and training steps as command-line options (this script's and build_miniature's)."""
     parser.add_argument("--tower_images", type=int, default=1000, help="scenes the similarity towers learn from")
-    parser.add_argument("--tower_steps", type=int, default=150, help="training steps of each similarity tower")
+    parser.add_argument("--tower_steps", type=int, default=300, help="training steps of each similarity tower")
     parser.add_argument("--sfnet_images", type=int, default=1000, help="renders SFNet learns from (and their VAE copies)")
-    parser.add_argument("--sfnet_steps", type=int, default=150)
+    parser.add_argument("--sfnet_steps", type=int, default=400)
     parser.add_argument("--bank_per_class", type=int, default=250, help="face-bank faces per gender x race class")
     parser.add_argument("--detector_images", type=int, default=1000, help="face renders the training detector learns from")
     parser.add_argument("--detector_steps", type=int, default=300)

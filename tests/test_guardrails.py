@@ -148,3 +148,31 @@ def test_face_wiped_changes_the_face_region_only():
     ruined, kind = guardrail_data.ruin_each(renders.images[:8], renders.boxes[:8], 0)
     assert kind.tolist() == list(range(len(guardrail_data.RUIN_KINDS)))
     assert ruined.shape == renders.images[:8].shape and ruined.min() >= -1 and ruined.max() <= 1
+
+
+@pytest.mark.slow
+def test_build_guardrails_rebuilds_the_three_judges_in_a_copy_of_the_world(tmp_path):
+    """scripts/build_guardrails.py on a tiny budget in a copy of the committed world: the judges are rewritten in
+    the formats the loaders read, the rest of the world is untouched, and the manifest gets the measurements."""
+    import importlib.util
+    import shutil
+    import sys
+
+    out = tmp_path / "miniature"
+    shutil.copytree(MINIATURE, out)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("build_guardrails", ROOT / "scripts" / "build_guardrails.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    untouched = {p: (out / p).read_bytes() for p in ("classifier.pt", "sd/unet/config.json", "eval_detector.safetensors")}
+    build.main(["--out", str(out), "--tower_images", "16", "--tower_steps", "2", "--sfnet_images", "32",
+                "--sfnet_steps", "2", "--bank_per_class", "2", "--detector_images", "32", "--detector_steps", "2",
+                "--held_out_size", "16"])
+    assert all((out / p).read_bytes() == content for p, content in untouched.items())
+    assert face_bank.load_face_bank(out / "face_feats.pkl").shape[0] == 8 * 2
+    sfnet.load_sfnet(out / "sfnet.pth")
+    clip_vision.load_clip_vision(out / "clip_vision")
+    assert detector_lib.stored_threshold(out / "face_detector.safetensors") is not None
+    entry = json.loads((out / "manifest.json").read_text())["guardrails"]
+    assert set(entry) >= {"similarity_towers", "sfnet", "detector", "timings_s"}
+    assert "ruin face_wiped" in entry["similarity_towers"]["dinov2"]
