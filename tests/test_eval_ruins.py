@@ -85,7 +85,7 @@ def test_nan_and_black_sets_are_reported_as_degenerate(stand_in_evaluator):
     nan = np.full_like(real, np.nan)
     half_nan = np.concatenate([real[:4], nan[:4]])
     # The guard is needed: this detector puts a face on black images.
-    assert make_detector(config.faces.detector, config.faces.detector_path).detect(black).found.mean() > 0.5
+    assert make_detector(config.eval.detector, config.eval.detector_path).detect(black).found.mean() > 0.5
     features = from_config.world_reference_features(evaluator, prompt, 16)
     rows = {name: measure(evaluator, images, prompt, features)
             for name, images in (("real", real), ("black", black), ("nan", nan), ("half nan", half_nan))}
