@@ -73,35 +73,43 @@ def ruin_sets(vae, images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return sets
 
 
-def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log) -> dict:
-    """Trains, calibrates, saves and measures the evaluation detector; returns its manifest entry."""
+def detector_held_out(vae, data_seed: int, num_faces: int = 600, num_negatives: int = 300
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Held-out detector data drawn from `data_seed`: ({"renders", "renders (VAE)"}: num_faces face images each,
+    {"scenes": face-less scenes, every `ruin_sets` kind}: num_negatives non-face images each)."""
+    _, renders = eval_judges.judge_dataset(num_faces, data_seed)
+    positives = {"renders": renders.images, "renders (VAE)": vae_images(vae, renders.images)}
+    negatives = {"scenes": eval_judges.judge_dataset(num_negatives, data_seed + 1, with_faces=False)[1].images,
+                 **ruin_sets(vae, eval_judges.judge_dataset(num_negatives, data_seed + 2)[1].images, data_seed + 3)}
+    return positives, negatives
+
+
+def build_detector(out: Path, vae, seed: int, num_images: int, steps: int, log, file_name: str = DETECTOR_FILE,
+                   max_false_positive_rate: float = 0.01) -> dict:
+    """Trains, calibrates (`eval_judges.choose_threshold` with `max_false_positive_rate` per negative kind), saves (as
+    out/file_name) and measures a detector with hard negatives; returns its manifest entry. The evaluation detector
+    and the training detector (scripts/build_guardrails.py) are this detector from other seeds."""
     _, faces = eval_judges.judge_dataset(num_images, seed)
     faces = drawing.concatenate([faces, bm.decoded(vae, bm.first(faces, num_images // 2))])
     backgrounds = eval_judges.judge_dataset(num_images // 4, seed + 1, with_faces=False)[1]
     _, to_ruin = eval_judges.judge_dataset(num_images // 2, seed + 2)
     ruined, kind = eval_judges.ruin_negatives(np.concatenate([to_ruin.images, backgrounds.images[: num_images // 8]]), seed + 3)
     negatives = np.concatenate([ruined, vae_ruins(vae, ruined[::2], kind[::2])])
-    log(f"eval detector data: {len(faces.images)} faces, {len(backgrounds.images)} scenes, {len(negatives)} ruins")
+    log(f"{file_name} data: {len(faces.images)} faces, {len(backgrounds.images)} scenes, {len(negatives)} ruins")
     params = detector_lib.train_detector(
         drawing.concatenate([faces, backgrounds, eval_judges.without_faces(negatives)]), steps, seed=seed + 4, log=log)
     params = jax.tree.map(lambda p: np.asarray(p, np.float16).astype(np.float32), params)  # what the file holds
     detector = detector_lib.MiniatureFaceDetector(params, world.IMAGE_SIZE)
 
-    def held_out(data_seed: int):
-        _, renders = eval_judges.judge_dataset(600, data_seed)
-        positives = {"renders": renders.images, "renders (VAE)": vae_images(vae, renders.images)}
-        negatives = {"scenes": eval_judges.judge_dataset(300, data_seed + 1, with_faces=False)[1].images,
-                     **ruin_sets(vae, eval_judges.judge_dataset(300, data_seed + 2)[1].images, data_seed + 3)}
-        return positives, negatives
-
-    positives, negatives = held_out(seed + 10)
+    positives, negatives = detector_held_out(vae, seed + 10)
     threshold = eval_judges.choose_threshold(
         np.concatenate([detector.face_probability(x) for x in positives.values()]),
-        {name: detector.face_probability(x) for name, x in negatives.items() if name != REDRAWN_BY_THE_DECODER})
-    log(f"eval detector threshold {threshold:.4f} (chosen on held-out set A)")
-    detector_lib.save_detector(params, world.IMAGE_SIZE, out / DETECTOR_FILE, threshold=threshold, dtype=np.float16)
-    detector = detector_lib.MiniatureFaceDetector.from_file(out / DETECTOR_FILE)
-    positives, negatives = held_out(seed + 20)
+        {name: detector.face_probability(x) for name, x in negatives.items() if name != REDRAWN_BY_THE_DECODER},
+        max_false_positive_rate)
+    log(f"{file_name} threshold {threshold:.4f} (chosen on held-out set A)")
+    detector_lib.save_detector(params, world.IMAGE_SIZE, out / file_name, threshold=threshold, dtype=np.float16)
+    detector = detector_lib.MiniatureFaceDetector.from_file(out / file_name)
+    positives, negatives = detector_held_out(vae, seed + 20)
     report = eval_judges.detector_report(detector.face_probability, detector.threshold, positives, negatives)
     return {"threshold": round(threshold, 4), "held_out": report}
 

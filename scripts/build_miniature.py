@@ -10,16 +10,16 @@ Writes under --out:
     classifier.pt             torchvision mobilenet_v3_large(width_mult=0.25), head Linear(320, 6):
                               gender 2 + race 4
     test_classifiers/{gender,race,age}.pt   the same network family, heads 2, 4, 2 (evaluation)
-    face_detector.safetensors fairdiff_jax.miniature.detector.DetectorNet params
-    sfnet.pth                 opensphere-layout SFNet-20 ("deprecated" variant), narrow (8x), 128-d
-                              features, random, frozen
-    face_feats.pkl            face bank: the original's 5-tuple over world faces
-    clip_vision/, dinov2/     transformers CLIPVisionModelWithProjection / Dinov2Model, tiny, trained to
-                              embed the image's coarse content (train_similarity_tower)
+    face_detector.safetensors  fairdiff_jax.miniature.detector.DetectorNet params and threshold
+    sfnet.pth, face_feats.pkl  opensphere-layout SFNet-20 ("deprecated" variant), narrow (8x), 128-d
+                              features, and the face bank (the original's 5-tuple over world faces)
+    clip_vision/, dinov2/     transformers CLIPVisionModelWithProjection / Dinov2Model, tiny
+                              (the last three lines: the loss's guardrails, built by scripts/build_guardrails.py's
+                              stages, which also rebuild them alone in a built world)
     prompts/                  the world's four prompt files (docs/method.md#prompts)
     manifest.json             what was built, sizes, timings, accuracies, and each prompt's true bias
 
-Every trained or random weight is rounded to float16 as soon as it is final and stored as float16
+Every trained weight is rounded to float16 as soon as it is final and stored as float16
 (half the bytes, so the folder is small enough to commit); everything downstream in the build, the
 accuracies in the manifest included, uses the rounded weights, i.e. exactly what the loaders read.
 
@@ -30,6 +30,7 @@ another thread count). Prints each stage's time.
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -504,35 +505,24 @@ class TorchSFNet(torch.nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def random_sfnet(seed: int, widths: Sequence[int] = SFNET_WIDTHS) -> TorchSFNet:
-    """Frozen random feature net: He-normal convs (residual branches halved, so activations keep
-    their scale through 20 layers), zero biases, fc scaled to unit-order outputs."""
-    torch.manual_seed(seed)
-    net = TorchSFNet(widths)
-    with torch.no_grad():
-        for name, module in net.named_modules():
-            if isinstance(module, torch.nn.Conv2d):
-                std = np.sqrt(2.0 / (9 * module.in_channels)) * (0.5 if name.endswith("conv2") else 1.0)
-                module.weight.normal_(0.0, std)
-                module.bias.zero_()
-        net.fc.weight.normal_(0.0, np.sqrt(1.0 / net.fc.in_features))
-        net.fc.bias.zero_()
-    return round_to_stored(net.eval())
-
-
 def save_sfnet(net: TorchSFNet, path: Path) -> Path:
     """torch.save of the state dict as nn.DataParallel saves it (keys `module.*`), as the original's checkpoint."""
     torch.save({f"module.{k}": v for k, v in stored_state_dict(net).items()}, path)
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _aligned_faces_fn():
+    """crops.aligned_faces at ALIGNED_SIZE, jitted once (training calls it every step)."""
+    import jax
+
+    return jax.jit(lambda images, transforms, found: crops.aligned_faces(images, transforms, found, ALIGNED_SIZE))
+
+
 def aligned_world_faces(renders: drawing.Renders, batch_size: int = 1000) -> np.ndarray:
     """[N, 112, 112, 3] faces aligned onto the ArcFace template from their true landmarks, by the
     pipeline's own functions (crops.similarity_transforms + crops.aligned_faces)."""
-    import jax
-
-
-    warp = jax.jit(lambda images, transforms, found: crops.aligned_faces(images, transforms, found, ALIGNED_SIZE))
+    warp = _aligned_faces_fn()
     transforms = crops.similarity_transforms(renders.landmarks, renders.has_face)
     return np.concatenate([
         np.asarray(warp(renders.images[s:s + batch_size], transforms[s:s + batch_size], renders.has_face[s:s + batch_size]))
@@ -575,98 +565,6 @@ def save_face_bank(path: Path, feats: torch.Tensor, renders: drawing.Renders, cl
     with open(path, "wb") as f:
         pickle.dump(content, f)
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Image-similarity towers (frozen)
-
-
-CLIP_VISION_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=world.IMAGE_SIZE, patch_size=4, projection_dim=64, hidden_act="gelu")
-DINOV2_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
-                     image_size=world.IMAGE_SIZE, mlp_ratio=2)
-
-
-THUMBNAIL_POOL = 4  # 32x32 images -> 8x8x3 thumbnails, the content the towers embed
-
-
-def thumbnails(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, S, S] in [-1, 1] -> [N, 3 * (S / THUMBNAIL_POOL)^2] average-pooled thumbnails."""
-    return torch.nn.functional.avg_pool2d(images, THUMBNAIL_POOL).flatten(1)
-
-
-def tower_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """[N, 3, S, S] in [-1, 1] -> mapped to [0, 1] and mean/std normalised, as the JAX towers' inputs
-    (clip.clip_image_embeds, dinov2.dino_image_embeds)."""
-    return ((images + 1) / 2 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
-def train_similarity_tower(model, embed, mean: Sequence[float], std: Sequence[float], images: np.ndarray, steps: int,
-                           seed: int, log: Log, name: str, batch_size: int = 128, learning_rate: float = 2e-3):
-    """Trains a ViT so that the direction of its embedding follows the image's content: embed(x) is pulled
-    (cosine loss) towards P (t(x) - mean t), t the 8x8 thumbnail and P a fixed random matrix with
-    orthonormal rows. Cosine similarity of two embeddings then approximates the correlation of the two
-    centred thumbnails (a random projection keeps angles): near 1 for the same picture slightly changed,
-    lower for another person or scene. This stands in for CLIP's and DINOv2's image similarity in a
-    world that has neither; the networks, inputs (mean/std normalised) and outputs are the real ones'."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    pixels = to_torch(images)
-    targets = thumbnails(pixels)
-    targets = targets - targets.mean(0)
-    projection, _ = torch.linalg.qr(torch.randn(targets.shape[1], embed(model, pixels[:1]).shape[1], generator=generator))
-    targets = targets @ projection
-    optimizer = torch.optim.AdamW(model.parameters(), learning_rate, weight_decay=1e-4)
-    schedule = warmup_cosine(optimizer, steps, 0.05, 0.0)
-    model.train()
-    for step in range(steps):
-        index = torch.randint(0, len(pixels), (batch_size,), generator=generator)
-        loss = 1 - torch.nn.functional.cosine_similarity(embed(model, tower_input(pixels[index], mean, std)), targets[index]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % max(steps // 5, 1) == 0 or step == steps - 1:
-            log(f"{name} tower step {step}/{steps}: 1 - cos {loss.item():.3f}")
-    return round_to_stored(model.eval())
-
-
-@torch.no_grad()
-def similarity_calibration(model, embed, mean: Sequence[float], std: Sequence[float], images: np.ndarray,
-                           decoded_images: np.ndarray) -> dict[str, float]:
-    """Mean cosine similarity of held-out images to their own VAE reconstruction (the same picture, slightly
-    changed) and to another held-out image (a different person and scene): the scale CLIP-I is read on."""
-    a = torch.nn.functional.normalize(embed(model, tower_input(to_torch(images), mean, std)), dim=1)
-    b = torch.nn.functional.normalize(embed(model, tower_input(to_torch(decoded_images), mean, std)), dim=1)
-    return {"own_reconstruction": round(float((a * b).sum(1).mean()), 4),
-            "another_image": round(float((a * a.roll(1, 0)).sum(1).mean()), 4)}
-
-
-def save_similarity_towers(out: Path, images: np.ndarray, steps: int, seed: int, log: Log, held_out: np.ndarray,
-                           held_out_decoded: np.ndarray) -> dict[str, dict[str, float]]:
-    """clip_vision/ (CLIPVisionModelWithProjection, image_embeds) and dinov2/ (Dinov2Model, the CLS of the
-    final LayerNorm), tiny, trained by `train_similarity_tower` on `images`, transformers save_pretrained
-    folders in STORED_DTYPE; returns each tower's `similarity_calibration` on the held-out images."""
-    import transformers
-
-    from fairdiff_jax.judging.clip_vision import CLIP_MEAN, CLIP_STD
-    from fairdiff_jax.judging.dinov2 import IMAGENET_MEAN, IMAGENET_STD
-
-    torch.manual_seed(seed)
-    clip_tower = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP_VISION_CONFIG))
-    clip_embed = lambda m, x: m(pixel_values=x).image_embeds  # noqa: E731
-    clip_tower = train_similarity_tower(clip_tower, clip_embed, CLIP_MEAN, CLIP_STD, images, steps, seed, log, "CLIP vision")
-    calibration = {"clip_vision": similarity_calibration(clip_tower, clip_embed, CLIP_MEAN, CLIP_STD, held_out, held_out_decoded)}
-    clip_tower.to(STORED_DTYPE).save_pretrained(out / "clip_vision")
-    torch.manual_seed(seed + 1)
-    dino_tower = transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_CONFIG))
-    dino_embed = lambda m, x: m(pixel_values=x).pooler_output  # noqa: E731
-    dino_tower = train_similarity_tower(dino_tower, dino_embed, IMAGENET_MEAN, IMAGENET_STD, images, steps, seed + 1,
-                                        log, "DINOv2")
-    calibration["dinov2"] = similarity_calibration(dino_tower, dino_embed, IMAGENET_MEAN, IMAGENET_STD, held_out,
-                                                   held_out_decoded)
-    dino_tower.to(STORED_DTYPE).save_pretrained(out / "dinov2")
-    return calibration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -745,10 +643,23 @@ def file_sizes(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps: int, detector_steps: int,
-          classifier_steps: int, classifier_images: int, bank_per_class: int, check_images: int,
-          similarity_steps: int, sfnet_widths: Sequence[int] = SFNET_WIDTHS) -> dict:
+def guardrails_script():
+    """scripts/build_guardrails.py (beside this script; it imports this module's helpers, so not at the top)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import build_guardrails
+
+    return build_guardrails
+
+
+def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps: int, classifier_steps: int,
+          classifier_images: int, check_images: int, guardrail_sizes: dict, held_out_size: int = 400) -> dict:
+    """Builds the world into `out`; guardrail_sizes: the keyword arguments of build_guardrails.build_stages (image
+    counts, steps, bank_per_class, sfnet_widths); held_out_size: images per held-out set of their measurement."""
     from fairdiff_jax.miniature import detector as detector_lib
+
+    guardrails = guardrails_script()
 
     log = Log()
     out.mkdir(parents=True, exist_ok=True)
@@ -774,24 +685,10 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     log(f"vae: {manifest['vae']}")
     log.stage("autoencoder", began)
 
-    # Detector and classifiers learn from renders and from their VAE reconstructions, which carry
-    # the decoder's blur and artefacts as generated images do.
-    began = now()
+    # The classifiers learn from renders and from their VAE reconstructions, which carry the decoder's blur and
+    # artefacts as generated images do.
     _, held_out = world.dataset(2000, seed + 1001)
     held_out_decoded = decoded(vae, held_out)
-    faces = drawing.concatenate([renders, decoded(vae, first(renders, num_images // 2))])
-    params = detector_lib.train_detector(detector_lib.with_backgrounds(faces, num_images // 4, seed + 1),
-                                         detector_steps, seed=seed + 1, log=log)
-    detector_lib.save_detector(params, world.IMAGE_SIZE, out / "face_detector.safetensors")
-    detector = detector_lib.MiniatureFaceDetector.from_file(out / "face_detector.safetensors")
-    defined = lambda report: {k: v for k, v in report.items() if not math.isnan(v)}  # noqa: E731
-    manifest["detector_accuracy"] = {
-        "faces": defined(detector_lib.detection_accuracy(detector, held_out)),
-        "decoded_faces": defined(detector_lib.detection_accuracy(detector, held_out_decoded)),
-        "backgrounds": defined(detector_lib.detection_accuracy(detector, world.background_renders(1000, seed + 1002))),
-    }
-    log(f"detector on held-out renders: {manifest['detector_accuracy']}")
-    log.stage("detector", began)
 
     began = now()
     tokenizer, vocab, merges = build_tokenizer(world.vocabulary())
@@ -836,17 +733,13 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
     log(f"test classifiers on held-out chips: {manifest['test_classifier_accuracy']}")
     log.stage("test classifiers", began)
 
+    # The judges under the loss's guard terms (similarity towers, face feature net and bank, training detector):
+    # scripts/build_guardrails.py, which rebuilds them alone in a built world.
+    guardrails.build_stages(out, vae, seed, log=log, **guardrail_sizes)
     began = now()
-    sfnet = random_sfnet(seed + 8, sfnet_widths)
-    save_sfnet(sfnet, out / "sfnet.pth")
-    bank_renders = balanced_face_renders(bank_per_class, seed + 9)
-    feats = sfnet_features(sfnet, aligned_world_faces(bank_renders))
-    save_face_bank(out / "face_feats.pkl", feats, bank_renders, classifier, SIZE_FACE, EXPAND_COEF, seed + 9)
-    tower_images = drawing.concatenate([first(renders, 6000), decoded(vae, first(renders, 2000))]).images
-    manifest["similarity_towers"] = save_similarity_towers(out, tower_images, similarity_steps, seed + 10, log,
-                                                           held_out.images, held_out_decoded.images)
-    log(f"similarity towers (mean cosine on held-out images): {manifest['similarity_towers']}")
-    log.stage("face features, bank, similarity towers", began)
+    manifest["guardrails"] = guardrails.measure(out, vae, seed, held_out_size)
+    log.stage("guardrail measurement", began)
+    detector = detector_lib.MiniatureFaceDetector.from_file(out / guardrails.DETECTOR_FILE)
 
     if check_images:
         began = now()
@@ -883,6 +776,7 @@ def build(out: Path, seed: int, num_images: int, vae_steps: int, generator_steps
 
 
 def main(argv=None):
+    guardrails = guardrails_script()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/miniature"))
     parser.add_argument("--seed", type=int, default=0)
@@ -890,20 +784,16 @@ def main(argv=None):
     parser.add_argument("--num_images", type=int, default=20000, help="world images for the autoencoder and generator")
     parser.add_argument("--vae_steps", type=int, default=1200)
     parser.add_argument("--generator_steps", type=int, default=3000)
-    parser.add_argument("--detector_steps", type=int, default=600)
     parser.add_argument("--classifier_steps", type=int, default=400)
     parser.add_argument("--classifier_images", type=int, default=10000)
-    parser.add_argument("--bank_per_class", type=int, default=250, help="face-bank faces per gender x race class")
-    parser.add_argument("--similarity_steps", type=int, default=400, help="training steps of each similarity tower")
     parser.add_argument("--check_images", type=int, default=32, help="generated images per checked prompt (0: no check)")
-    parser.add_argument("--sfnet_widths", type=lambda s: tuple(int(w) for w in s.split(",")), default=SFNET_WIDTHS,
-                        help="SFNet-20 stage widths; 64,128,256,512 is the original's (13M parameters, ~64x the compute)")
+    guardrails.add_size_arguments(parser)
+    parser.add_argument("--held_out_size", type=int, default=400, help="images per held-out set of the guardrails' measurement")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    build(args.out, args.seed, args.num_images, args.vae_steps, args.generator_steps, args.detector_steps,
-          args.classifier_steps, args.classifier_images, args.bank_per_class, args.check_images,
-          args.similarity_steps, args.sfnet_widths)
+    build(args.out, args.seed, args.num_images, args.vae_steps, args.generator_steps, args.classifier_steps,
+          args.classifier_images, args.check_images, guardrails.sizes(args), args.held_out_size)
 
 
 if __name__ == "__main__":

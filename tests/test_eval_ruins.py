@@ -18,6 +18,7 @@ from fairdiff_jax.eval import from_config, ruins, tables
 from fairdiff_jax.eval.evaluator import PromptResults, prompt_metrics
 from fairdiff_jax.judging import tiny
 from fairdiff_jax.judging.detection import make_detector
+from fairdiff_jax.miniature import detector as detector_lib
 from fairdiff_jax.miniature import reference, world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,13 +64,15 @@ def test_every_ruin_ranks_below_the_real_renders():
 
 @pytest.fixture(scope="module")
 def stand_in_evaluator(tmp_path_factory):
-    """configs/miniature.py's evaluator with a random stand-in scene classifier and the TRAINING detector (which
-    finds faces in black images) as evaluation detector."""
+    """configs/miniature.py's evaluator with a random stand-in scene classifier and, as evaluation detector, the
+    training detector with its threshold at 0 (it finds a face in every image, black ones included)."""
     folder = tmp_path_factory.mktemp("scene")
     heads = [("subject", list(world.SUBJECTS)), ("style", list(world.STYLES)), ("context", list(world.CONTEXTS))]
     path = tiny.build_scene_classifier(folder / "scene_classifier.pt", 0, heads)
+    params, image_size = detector_lib.load_detector(MINIATURE / "face_detector.safetensors")
+    accepting = detector_lib.save_detector(params, image_size, folder / "accepting_detector.safetensors", threshold=0.0)
     config = miniature_config(*SCENE_JUDGE, f"--config.eval.scene_classifier_path={path}",
-                              f"--config.eval.detector_path={MINIATURE / 'face_detector.safetensors'}")
+                              f"--config.eval.detector_path={accepting}")
     from_config.check_eval_assets(config)
     return config, from_config.load_evaluator(config)
 
@@ -82,7 +85,7 @@ def test_nan_and_black_sets_are_reported_as_degenerate(stand_in_evaluator):
     nan = np.full_like(real, np.nan)
     half_nan = np.concatenate([real[:4], nan[:4]])
     # The guard is needed: this detector puts a face on black images.
-    assert make_detector(config.faces.detector, config.faces.detector_path).detect(black).found.mean() > 0.5
+    assert make_detector(config.eval.detector, config.eval.detector_path).detect(black).found.mean() > 0.5
     features = from_config.world_reference_features(evaluator, prompt, 16)
     rows = {name: measure(evaluator, images, prompt, features)
             for name, images in (("real", real), ("black", black), ("nan", nan), ("half nan", half_nan))}

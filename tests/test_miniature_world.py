@@ -193,9 +193,10 @@ def test_build_script_writes_loadable_assets(tmp_path):
 
     build = _build_script()
     out = tmp_path / "miniature"
-    manifest = build.build(out, seed=0, num_images=400, vae_steps=2, generator_steps=2, detector_steps=2,
-                           classifier_steps=2, classifier_images=100, bank_per_class=3, check_images=2,
-                           similarity_steps=2)
+    guardrails = dict(tower_images=16, tower_steps=2, sfnet_images=32, sfnet_steps=2, bank_per_class=3,
+                      detector_images=32, detector_steps=2)
+    manifest = build.build(out, seed=0, num_images=400, vae_steps=2, generator_steps=2, classifier_steps=2,
+                           classifier_images=100, check_images=2, guardrail_sizes=guardrails, held_out_size=16)
     assert json.loads((out / "manifest.json").read_text())["files"] == manifest["files"]
     config = manifest["config"]
     sd = load_stable_diffusion(out / config["sd_path"])

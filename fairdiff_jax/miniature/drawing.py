@@ -130,7 +130,7 @@ NUM_SNOWFLAKES = 14
 
 
 def draw(p: dict, size: int) -> np.ndarray:
-    """Images [N, S, S, 3] in [0, 1] from the per-image parameters `p` (see `world._sample_parameters`)."""
+    """Images [N, S, S, 3] in [0, 1] from the per-image parameters `p` (see `world.sample_parameters`)."""
     n = len(p["has_face"])
     grid = np.arange(size, dtype=np.float32)
     x, y = grid[None, None, :], grid[None, :, None]  # pixel-index coordinates, broadcast to [N, S, S]

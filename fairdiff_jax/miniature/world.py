@@ -337,18 +337,30 @@ def render_prompts(prompts: Sequence[str], rng: np.random.Generator, size: int =
 
     Every random choice is made up front from `rng`, so the result does not depend on `chunk`.
     """
+    return render_parameters(sample_parameters(prompts, rng, size, has_face), size, chunk)
+
+
+def sample_parameters(prompts: Sequence[str], rng: np.random.Generator, size: int = IMAGE_SIZE,
+                      has_face: Optional[np.ndarray] = None) -> dict:
+    """The per-image drawing parameters and ground truth of `render_prompts` (arrays over the batch), for callers
+    that redraw one image with a part of it changed (the same figure on a re-jittered scene, another gender)."""
     parsed = {prompt: parse_prompt(prompt) for prompt in dict.fromkeys(prompts)}
     specs = [parsed[prompt] for prompt in prompts]
     has_face = np.ones(len(prompts), bool) if has_face is None else np.asarray(has_face, bool)
-    p = _sample_parameters(specs, rng, size, has_face)
+    return _sample_parameters(specs, rng, size, has_face)
+
+
+def render_parameters(p: dict, size: int = IMAGE_SIZE, chunk: int = 1024) -> Renders:
+    """The images and ground truth drawn from `sample_parameters`' output."""
+    n = len(p["has_face"])
     images = np.concatenate([
-        draw({k: v[start:start + chunk] for k, v in p.items()}, size) for start in range(0, len(prompts), chunk)
-    ]) if len(prompts) else np.zeros((0, size, size, 3), np.float32)
-    no_face = ~has_face
+        draw({k: v[start:start + chunk] for k, v in p.items()}, size) for start in range(0, n, chunk)
+    ]) if n else np.zeros((0, size, size, 3), np.float32)
+    no_face = ~p["has_face"]
     fill = lambda a: np.where(no_face.reshape((-1,) + (1,) * (a.ndim - 1)), -1, a)  # noqa: E731
     return Renders(
         images=(2.0 * images - 1.0).astype(np.float32),
-        has_face=has_face,
+        has_face=p["has_face"],
         gender=fill(p["gender"]), race=fill(p["race"]), age=fill(p["age"]),
         boxes=fill(p["boxes"]).astype(np.float32), landmarks=fill(p["landmarks"]).astype(np.float32),
     )
