@@ -3,6 +3,7 @@ project's JAX loaders: each ranks a ruined image below the real one. The similar
 (every kind of eval/ruins.py and a wiped face) further from it than its VAE reconstruction; the face feature net puts
 ruined faces further from the face bank than real faces; the training detector, at the threshold stored in its file
 (which the training path reads), finds the renders and rejects the ruins. Also the ruins and variants they learn from.
+The three tests on the held-out scenes are slow (CI runs them in its slow pass); the rest are in the default suite.
 """
 
 import json
@@ -62,6 +63,7 @@ def tower_cosines(scenes):
 KNOWN_WEAK = {("dinov2", "scrambled"), ("dinov2", "face_wiped")}
 
 
+@pytest.mark.slow  # the held-out scenes' VAE round trip and four networks: ~1 min
 @pytest.mark.parametrize("kind", guardrail_data.RUIN_KINDS)
 @pytest.mark.parametrize("tower", ["clip_vision", "dinov2"])
 def test_similarity_towers_put_ruins_below_the_vae_reconstruction(tower_cosines, tower, kind, request):
@@ -76,6 +78,7 @@ def test_similarity_towers_put_ruins_below_the_vae_reconstruction(tower_cosines,
     assert ruin.mean() < cos["other_attributes"].mean()  # an attribute change costs less than a ruin
 
 
+@pytest.mark.slow  # the held-out scenes' VAE round trip and four networks: ~1 min
 def test_face_realism_term_puts_ruined_faces_further_from_the_bank(scenes):
     from fairdiff_jax.judging import crops
 
@@ -101,6 +104,7 @@ def test_face_realism_term_puts_ruined_faces_further_from_the_bank(scenes):
         assert (d > np.median(real)).mean() >= 0.8, kind
 
 
+@pytest.mark.slow  # the held-out scenes' VAE round trip and four networks: ~1 min
 def test_training_detector_finds_renders_and_rejects_ruins_at_its_stored_threshold(scenes):
     variants, decoded, ruined = scenes
     path = MINIATURE / "face_detector.safetensors"
