@@ -21,13 +21,15 @@ work (the original's computation: diffusers UNet / VAE / DPMSolverMultistepSched
 CLIP vision and DINOv2, torchvision mobilenet_v3_large, the PyTorch SFNet-20, kornia; diffusers-0.19 LoRA layers;
 detached UNet inputs and c_i gradient hooks; torch AdamW + diffusers EMAModel) from the same asset files: the
 same images per step, generation chunks, micro-batches, denoising steps and detector. Its first step is a
-warm-up. Output, after the JAX lines:
+warm-up. Then `--steps` rounds of one JAX step and one PyTorch step, alternating which goes first (JAX in odd
+rounds), so that the load of a shared machine falls on both sides alike. Output:
   - thread settings: XLA's CPU pool = the process's usable cores (os.sched_getaffinity); torch.set_num_threads
     gets the same number; OMP_WAIT_POLICY is set to PASSIVE unless given (with spinning OpenMP workers the
     PyTorch sampling ran 20-70x slower, erratically, on a 2-core machine shared with other jobs; XLA's idle
     workers sleep too);
-  - per-step PyTorch timings and loss, then a table of median seconds per part, JAX and PyTorch side by side,
-    and the ratio PyTorch s / JAX s per part and per step. OT is the same host code in both steps
+  - per-step timings (and the PyTorch loss), then per part the median [min .. max] seconds of each side and the
+    ratio of the medians, and the median [min .. max] of the rounds' own step ratios PyTorch s / JAX s (the
+    two steps of a round run back to back: the figure least moved by a change in load). OT is the same host code in both steps
     (ot_targets.optimal_transport_targets): it is shown once, timed in the JAX step; both totals include it;
   - on an accelerator, the achieved fraction of peak of the JAX step, per part and per step: XLA-counted FLOPs
     (the bracket above) / seconds / the device's dense peak FLOP/s (PEAK_FLOPS, by device_kind; bfloat16 and
@@ -135,19 +137,25 @@ def step_setup(config, sd, judges, judge_variables, mesh):
     return stages, debias_step.make_train_step(stages), frozen, state
 
 
+def jax_step(stages, train_step, state, frozen, num_steps: int, step: int, prompt: str = PROMPT):
+    """Runs training step `step` -> (seconds per part and 'total', its Prepared, the state after it)."""
+    timings = {}
+    started = time.perf_counter()
+    prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
+    t0 = time.perf_counter()
+    state, _ = train_step(state, prepared.constants, prepared.batch, jax.random.key(step))
+    jax.block_until_ready(state.params)
+    timings["gradient"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    return timings, prepared, state
+
+
 def time_jax_steps(stages, train_step, state, frozen, num_steps: int, steps: int, prompt: str = PROMPT):
     """Runs steps 0..`steps` (step 0 compiles) and prints each one's parts; -> (median seconds per part over
     steps 1.., the per-step rows including step 0, the last step's Prepared, the state after the last step)."""
     rows = []
     for step in range(steps + 1):
-        timings = {}
-        started = time.perf_counter()
-        prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, debias_step.step_key(state.rng, step), timings)
-        t0 = time.perf_counter()
-        state, metrics = train_step(state, prepared.constants, prepared.batch, jax.random.key(step))
-        jax.block_until_ready(state.params)
-        timings["gradient"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - started
+        timings, prepared, state = jax_step(stages, train_step, state, frozen, num_steps, step, prompt)
         print(f"step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()), flush=True)
         rows.append(timings)
     seconds = median_parts(rows[1:])
@@ -183,6 +191,8 @@ def step_flops(stages, train_step, state, frozen, prepared, num_steps: int) -> d
 
 
 def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
+    """JAX step 0 (compiles) and PyTorch step 0 (warm-up), then `steps` rounds of one step of each, alternating which
+    side goes first, so that a change in the machine's load falls on both sides alike."""
     mesh = parallel.make_mesh()
     stages, train_step, frozen, state = step_setup(config, *load_models(config), mesh)
     t = config.train
@@ -191,18 +201,33 @@ def benchmark_tiny(config, steps: int, run_torch: bool) -> None:
     print(f"devices: {mesh.devices.size} x {device_kind}; {t.images_per_prompt} images per step, "
           f"{num_steps} denoising steps, generation chunks of {t.generation_batch_size}, micro-batch {t.micro_batch_size}, "
           f"adjusted-DFT gradient '{t.dft_gradient}'")
-    jax_seconds, _, prepared, state = time_jax_steps(stages, train_step, state, frozen, num_steps, steps)
-    flops = step_flops(stages, train_step, state, frozen, prepared, num_steps)
+
+    def run_jax(step):
+        nonlocal state, prepared
+        timings, prepared, state = jax_step(stages, train_step, state, frozen, num_steps, step)
+        print(f"JAX step {step}{' (compiles)' if step == 0 else ''}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()), flush=True)
+        return timings
+
+    prepared = None
+    sides = {"JAX": run_jax}
     if run_torch:
-        torch_seconds = benchmark_torch(config, steps, num_steps, PROMPT)
-        if torch_seconds:
-            print_comparison(jax_seconds, torch_seconds)
+        sides["PyTorch"] = torch_step_runner(config, num_steps, PROMPT)
+    for run in sides.values():
+        run(0)
+    rows = {side: [] for side in sides}
+    for step in range(1, steps + 1):
+        for side in sorted(sides, reverse=step % 2 == 0):  # JAX first in odd rounds, PyTorch first in even ones
+            rows[side].append(sides[side](step))
+    jax_seconds = median_parts(rows["JAX"])
+    flops = step_flops(stages, train_step, state, frozen, prepared, num_steps)
+    if run_torch and steps:
+        print_comparison(rows["JAX"], rows["PyTorch"])
     if jax_seconds:
         print_fraction_of_peak(flops, jax_seconds, device_kind, config.model.dtype)
 
 
-def benchmark_torch(config, steps: int, num_steps: int, prompt: str) -> dict:
-    """Times scripts/torch_train_step.py's step like the JAX one (step 0 a warm-up); -> median seconds per part."""
+def torch_step_runner(config, num_steps: int, prompt: str):
+    """`run(step) -> seconds per part and 'total'` of scripts/torch_train_step.py's step, timed like the JAX one."""
     import torch
     from torch_train_step import TorchTrainStep
 
@@ -213,29 +238,38 @@ def benchmark_torch(config, steps: int, num_steps: int, prompt: str) -> dict:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     step_runner = TorchTrainStep(config)
     print(f"PyTorch {torch.__version__} on {step_runner.device}, frozen networks in {step_runner.dtype}")
-    rows = []
-    for step in range(steps + 1):
+
+    def run(step: int) -> dict:
         timings = {}
         started = time.perf_counter()
         logs = step_runner.run(prompt, num_steps, step, timings)
         timings["total"] = time.perf_counter() - started
         shown = ", ".join(f"{k} {v:.3f} s" for k, v in timings.items() if k != "ot")
         print(f"PyTorch step {step}{' (warm-up)' if step == 0 else ''}: {shown}; loss {logs['loss']:.4f}"
-              + ("" if logs["finite"] else " (non-finite gradient: update skipped)"))
-        if step > 0:
-            rows.append(timings)
-    return median_parts(rows)
+              + ("" if logs["finite"] else " (non-finite gradient: update skipped)"), flush=True)
+        return timings
+
+    return run
 
 
-def print_comparison(jax_seconds: dict, torch_seconds: dict) -> None:
-    print("median seconds per step (steps 1..), PyTorch / JAX:")
-    print(f"  {'part':<9} {'JAX s':>9} {'PyTorch s':>10} {'ratio':>7}")
+def print_comparison(jax_rows: list[dict], torch_rows: list[dict]) -> None:
+    """Per part: median [min .. max] seconds of each side over the timed rounds and the ratio of the medians; per
+    step: the median [min .. max] of the rounds' own ratios (each round's two steps ran back to back)."""
+    spread = lambda rows, part: [r[part] for r in rows]  # noqa: E731
+    shown = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f} .. {max(v):.3f}]"  # noqa: E731
+    print(f"seconds per step over {len(jax_rows)} alternating rounds, median [min .. max], and PyTorch / JAX:")
+    print(f"  {'part':<9} {'JAX s':>24} {'PyTorch s':>24} {'ratio of medians':>17}")
     for part in PARTS + ("total",):
+        jax_values = spread(jax_rows, part)
         if part == "ot":
-            print(f"  {part:<9} {jax_seconds[part]:9.3f} {'(same host code: timed once, in the JAX step)':>10}")
+            print(f"  {part:<9} {shown(jax_values):>24}   (same host code: timed in the JAX step, in both totals)")
             continue
-        ratio = torch_seconds[part] / jax_seconds[part]
-        print(f"  {part:<9} {jax_seconds[part]:9.3f} {torch_seconds[part]:10.3f} {ratio:7.2f}")
+        torch_values = spread(torch_rows, part)
+        print(f"  {part:<9} {shown(jax_values):>24} {shown(torch_values):>24} "
+              f"{statistics.median(torch_values) / statistics.median(jax_values):17.2f}")
+    ratios = [p["total"] / j["total"] for j, p in zip(jax_rows, torch_rows)]
+    print(f"  step ratio PyTorch / JAX per round: median {statistics.median(ratios):.2f} [{min(ratios):.2f} .. {max(ratios):.2f}] "
+          f"({', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 def print_fraction_of_peak(flops: dict, seconds: dict, device_kind: str, dtype: str) -> None:
@@ -382,7 +416,7 @@ def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--assets", type=Path, help="tiny assets folder (default: built in a temporary folder)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each side) after the compiling / warm-up one")
     parser.add_argument("--sd15-shapes", action="store_true")
     parser.add_argument("--sd15-lora", choices=("text_encoder", "unet", "both"), default="both",
                         help="with --sd15-shapes: which LoRA configuration(s) to compile (each takes minutes)")

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
+from adjusted_dft_gradients import gradient_functions, relative_error, trained_lora
 from fairdiff_jax.sd import loader as stable_diffusion
-from fairdiff_jax.sd import adjusted_dft, lora, sampler
+from fairdiff_jax.sd import adjusted_dft
 from fairdiff_jax.sd import tiny as tiny_sd
 
 PROMPT = "a photo of the face of a doctor, a person"
@@ -19,15 +19,6 @@ STEPS, GUIDANCE, BATCH, RANK = 5, 7.5, 2, 4
 # ||g_stored - g_rerun|| / ||g_rerun|| per LoRA tree and for the embeddings: the same math in float32, in
 # another order (a reverse scan of per-step VJPs instead of the scan's transpose).
 GRAD_RTOL = 1e-5
-
-
-def _trained_lora(params, model, seed):
-    """lora.init with `up` drawn as after some training (at init `up` = 0 and the UNet LoRA does nothing)."""
-    key = jax.random.key(seed)
-    flat = traverse_util.flatten_dict(lora.init(key, params, lora.select_targets(params, model), RANK))
-    for i, path in enumerate(p for p in flat if p[-1] == "up"):
-        flat[path] = 0.05 * jax.random.normal(jax.random.fold_in(key, 1000 + i), flat[path].shape)
-    return traverse_util.unflatten_dict(flat)
 
 
 @pytest.fixture(scope="module")
@@ -40,44 +31,12 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.normal(size=(BATCH, *sd.latent_shape)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(BATCH, sd.image_size, sd.image_size, 3)), jnp.float32)
-    unet_lora = _trained_lora(sd.unet_params, "unet", 1)
-    text_lora = _trained_lora(sd.text_encoder_params, "text_encoder", 2)
-
-    def embeddings(text_lora):
-        hidden = sd.text_encoder.apply({"params": lora.merge(sd.text_encoder_params, text_lora)}, ids, text_mask)
-        return hidden[1:], hidden[:1]
-
-    def rerun_loss(unet_lora, text_lora):
-        cond, uncond = embeddings(text_lora)
-        images = adjusted_dft.sample_images_adjusted(sd.unet, lora.merge(sd.unet_params, unet_lora), sd.vae, sd.vae_params, schedule,
-                                                scales, noise, cond, uncond, GUIDANCE, context_mask)
-        return jnp.sum(images * weights), images
-
-    @jax.jit
-    def stored_grads(unet_lora, text_lora, scales):
-        # The no-gradient pass with the same weights stores the trajectory, as the training step does.
-        cond, uncond = embeddings(text_lora)
-        _, final, trajectory = sampler.sample_images_and_trajectory(
-            sd.unet, lora.merge(sd.unet_params, unet_lora), sd.vae, sd.vae_params, schedule, noise, cond, uncond, GUIDANCE, context_mask
-        )
-
-        def loss(unet_lora, text_lora):
-            cond, uncond = embeddings(text_lora)
-            images = adjusted_dft.images_from_trajectory(
-                sd.unet, lambda t: lora.merge(sd.unet_params, t), unet_lora, sd.vae, sd.vae_params, schedule, scales,
-                trajectory, final, cond, uncond, GUIDANCE, context_mask,
-            )
-            return jnp.sum(images * weights), images
-
-        return jax.grad(loss, argnums=(0, 1), has_aux=True)(unet_lora, text_lora)
-
-    rerun_grads = jax.jit(jax.grad(rerun_loss, argnums=(0, 1), has_aux=True))
-    return SimpleNamespace(unet_lora=unet_lora, text_lora=text_lora, scales=scales, stored=stored_grads, rerun=rerun_grads)
-
-
-def _relative_error(got, want) -> float:
-    got, want = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (got, want))
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    stored, rerun = gradient_functions(sd, schedule, ids, text_mask, context_mask, noise, weights, GUIDANCE)
+    params = {"unet": sd.unet_params, "vae": sd.vae_params, "text_encoder": sd.text_encoder_params}
+    return SimpleNamespace(
+        unet_lora=trained_lora(sd.unet_params, "unet", RANK, 1), text_lora=trained_lora(sd.text_encoder_params, "text_encoder", RANK, 2),
+        scales=scales, stored=lambda u, t, scales: stored(params, u, t, scales), rerun=lambda u, t: rerun(params, u, t, scales),
+    )
 
 
 @pytest.mark.parametrize(
@@ -98,7 +57,7 @@ def test_stored_trajectory_gradients_equal_the_rerun_chain(setup, trained):
             assert stored == {} and rerun == {}
             continue
         assert np.linalg.norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(rerun)])) > 0
-        error = _relative_error(stored, rerun)
+        error = relative_error(stored, rerun)
         print(f"{'+'.join(trained)}: {part} LoRA gradient relative error {error:.2e}")
         assert error < GRAD_RTOL, (part, error)
 
@@ -108,7 +67,7 @@ def test_the_comparison_sees_a_wrong_gradient_scale(setup):
     the comparison above can fail."""
     (stored_unet, _), _ = setup.stored(setup.unet_lora, setup.text_lora, setup.scales[::-1])
     (rerun_unet, _), _ = setup.rerun(setup.unet_lora, setup.text_lora)
-    assert _relative_error(stored_unet, rerun_unet) > 100 * GRAD_RTOL
+    assert relative_error(stored_unet, rerun_unet) > 100 * GRAD_RTOL
 
 
 @pytest.mark.slow  # two gradient-stage compilations: ~5-10 min on a busy 2-core CPU
@@ -135,7 +94,7 @@ def test_training_step_gradients_equal_on_both_paths(tmp_path):
         mesh = parallel.make_mesh(jax.devices()[:1])
         stages = Stages(sd, judges, config, mesh, judges_lib.make_detector(config))
         frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
-        lora_tree = {"unet": _trained_lora(sd.unet_params, "unet", 1), "text_encoder": _trained_lora(sd.text_encoder_params, "text_encoder", 2)}
+        lora_tree = {"unet": trained_lora(sd.unet_params, "unet", RANK, 1), "text_encoder": trained_lora(sd.text_encoder_params, "text_encoder", RANK, 2)}
         lora_tree = parallel.replicate(lora_tree, mesh)
         prepared = debias_step.prepare(stages, lora_tree, frozen, PROMPT, config.train.max_denoising_steps, 0, jax.random.key(7))
         assert (prepared.batch.trajectory is not None) == (path == "stored_trajectory")
@@ -146,6 +105,6 @@ def test_training_step_gradients_equal_on_both_paths(tmp_path):
     for part in ("unet", "text_encoder"):
         rerun = grads["rerun"][part]
         assert np.linalg.norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(rerun)])) > 0
-        error = _relative_error(grads["stored_trajectory"][part], rerun)
+        error = relative_error(grads["stored_trajectory"][part], rerun)
         print(f"training step, {part} LoRA gradient relative error {error:.2e}")
         assert error < GRAD_RTOL, (part, error)

@@ -136,8 +136,9 @@ def shard_global(whole_batch_tree: Any, mesh: Mesh) -> Any:
 
 def host_local(tree: Any, mesh: Mesh) -> Any:
     """This process's rows of data-sharded global arrays, as numpy (e.g. images for face detection)."""
-    local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(DATA_AXIS))
-    return jax.tree.map(np.asarray, local)
+    if jax.process_count() > 1:
+        tree = multihost_utils.global_array_to_host_local_array(tree, mesh, P(DATA_AXIS))
+    return jax.tree.map(np.asarray, tree)
 
 
 def gather_to_hosts(tree: Any) -> Any:
@@ -147,6 +148,8 @@ def gather_to_hosts(tree: Any) -> Any:
     process's face boxes) is concatenated with the other processes' along axis 0, in process order,
     which is the batch's row order (see the module docstring).
     """
+    if jax.process_count() == 1:  # nothing to gather; process_allgather would run a jitted program per leaf
+        return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
 
 

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from fairdiff_jax.judging import crops
 from fairdiff_jax.judging import detection as detection_lib
 from fairdiff_jax.judging import judges as judges_lib
+from fairdiff_jax.sd import adjusted_dft
 from fairdiff_jax.sd import lora as lora_lib
 from fairdiff_jax.sd import sampler
 from fairdiff_jax.sd.loader import StableDiffusion, encode_text, tokenize_prompt_pair
@@ -73,12 +74,30 @@ class Stages:
         self._generate = jax.jit(self._generate_fn, static_argnames=("chunk", "keep_trajectory"))
         self._judge = jax.jit(self._judge_fn)
         self._probs = jax.jit(self._probs_fn)
+        self._square_boxes = jax.jit(crops.square_boxes)
+        # Per prompt / step count, the same every step: computed and placed once (host work in every step otherwise).
+        self._texts: dict[str, Text] = {}
+        self._schedules: dict[int, tuple[sampler.Schedule, jax.Array]] = {}
 
     # -- host helpers ------------------------------------------------------------------------------------
 
     def tokenize(self, prompt: str) -> Text:
-        ids, attention, context = tokenize_prompt_pair(self.sd.tokenizer, prompt, pad_to=self.text_length)
-        return Text(*parallel.replicate((ids, attention, context), self.mesh))
+        if prompt not in self._texts:
+            ids, attention, context = tokenize_prompt_pair(self.sd.tokenizer, prompt, pad_to=self.text_length)
+            self._texts[prompt] = Text(*parallel.replicate((ids, attention, context), self.mesh))
+        return self._texts[prompt]
+
+    def schedule(self, num_steps: int) -> tuple[sampler.Schedule, jax.Array]:
+        """(`sampler.make_schedule`, its adjusted-DFT gradient scales [num_steps]), replicated over the mesh."""
+        if num_steps not in self._schedules:
+            schedule = sampler.make_schedule(self.sd.scheduler_config, num_steps)
+            scales = adjusted_dft.dft_gradient_scales(self.sd.scheduler_config, schedule)
+            self._schedules[num_steps] = parallel.replicate((schedule, scales), self.mesh)
+        return self._schedules[num_steps]
+
+    def crop_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """crops.square_boxes of [B, 4] host boxes with the detector's expansion, as numpy (one jitted call)."""
+        return np.asarray(self._square_boxes(boxes, self.expand_coef))
 
     def noise(self, key: jax.Array, batch_size: int) -> jax.Array:
         """[batch_size, h, w, 4] float32 split over 'data'; row i = normal(fold_in(key, i)) whatever the mesh."""

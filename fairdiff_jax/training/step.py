@@ -139,9 +139,7 @@ def prepare(
     config, mesh = stages.config, stages.mesh
     clock = _Clock(timings)
     text = stages.tokenize(prompt)
-    schedule = sampler.make_schedule(stages.sd.scheduler_config, num_steps)
-    gradient_scales = adjusted_dft.dft_gradient_scales(stages.sd.scheduler_config, schedule)
-    constants = StepConstants(frozen, text, *parallel.replicate((schedule, gradient_scales), mesh))
+    constants = StepConstants(frozen, text, *stages.schedule(num_steps))
     noise = stages.noise(key, config.train.images_per_prompt)
     chunk = config.train.generation_batch_size
     stored = config.train.dft_gradient == "stored_trajectory"
@@ -166,7 +164,7 @@ def prepare(
     host_batch = dict(
         found=detections.found,
         boxes=detections.boxes,
-        crop_boxes=np.asarray(crops.square_boxes(detections.boxes, stages.expand_coef)),
+        crop_boxes=stages.crop_boxes(detections.boxes),
         chip_from_image=transforms,
         targets=np.stack(targets.targets, axis=1).astype(np.int32),
         original_preds=np.stack(original_preds, axis=1).astype(np.int32),
