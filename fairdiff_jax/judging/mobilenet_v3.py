@@ -278,7 +278,7 @@ def torchvision_state_dict(variables: dict) -> dict:
     for path, value in traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats")}).items():
         collection, modules, leaf = path[0], path[1:-1], path[-1]
         prefix = ".".join(re.sub(r"_(\d+)", r".\1", m) for m in modules)
-        value = np.asarray(jax.device_get(value), np.float32)
+        value = np.array(jax.device_get(value), np.float32)  # a writable copy: torch.from_numpy shares it
         if leaf == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
         state[f"{prefix}.{leaf_names[collection, leaf]}"] = torch.from_numpy(np.ascontiguousarray(value))
