@@ -157,7 +157,7 @@ def export(workdir: Path, module: MobileNetV3Large, variables: dict, config: con
 
 def train_and_export(config: config_dict.ConfigDict) -> dict:
     """Runs (or resumes) the training the config describes; returns the report written to classifier.json."""
-    workdir = Path(config.workdir)
+    workdir = Path(config.workdir).absolute()  # orbax wants absolute checkpoint paths
     workdir.mkdir(parents=True, exist_ok=True)
     heads = tuple((str(name), int(k)) for name, k in config.model.heads)
     mesh = parallel.make_mesh()
