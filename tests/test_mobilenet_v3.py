@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models import mobilenetv3
 
-from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3
+from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3, torchvision_state_dict
 from fairdiff_jax.nn import weights
 
 # float32 on both sides: max-abs difference allowed, relative to the largest reference value
@@ -111,3 +111,44 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     assert "race.pt" in message
     assert "params/features_5/block_2/fc1/kernel" in message  # the missing weight, as a model path
     assert "features.5.extra.weight" in message  # the unexpected key, as in the file
+
+
+def test_exported_state_dict_loads_in_torchvision_with_the_same_logits(tmp_path):
+    """The classifier trainer's .pt export (width 0.25, the miniature world's): a Flax net with O(1)-logit
+    random weights and random running statistics, saved as a torchvision state dict, loads strictly into
+    torchvision's mobilenet_v3_large and gives the Flax logits within 1e-5 of the largest logit (float32 on
+    both sides: measured 9e-6 relative, 6e-5 absolute on logits up to 6.5), and reads back through
+    load_mobilenet_v3 unchanged."""
+    module, variables = load_mobilenet_v3(_save(_torch_classifier(6, 64, width_mult=0.25), tmp_path / "start.pt"))
+    rng = np.random.default_rng(4)
+    variables["batch_stats"] = jax.tree.map(  # stands for statistics a Flax training run wrote
+        lambda x: (x * rng.uniform(0.9, 1.1, x.shape)).astype(np.float32), variables["batch_stats"])
+    torch.save(torchvision_state_dict(variables), tmp_path / "exported.pt")
+
+    model = mobilenetv3.mobilenet_v3_large(num_classes=6, width_mult=0.25)
+    model.load_state_dict(torch.load(tmp_path / "exported.pt", weights_only=True), strict=True)
+    chips = _chips(64, n=4, seed=3)
+    want = _torch_logits(model.eval(), chips)
+    apply = jax.jit(module.apply)
+    got = np.asarray(apply(variables, chips))
+    assert 0.1 < np.abs(want).max() < 100, "test weights should give O(1) logits"
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    _, reloaded = load_mobilenet_v3(tmp_path / "exported.pt", 6)
+    np.testing.assert_array_equal(np.asarray(apply(reloaded, chips)), got)
+
+
+def test_train_mode_uses_batch_statistics_and_updates_running_ones(tmp_path):
+    """train=True: BatchNorm normalises with the batch's statistics (outputs differ from inference) and the
+    running statistics move by torchvision's momentum (0.01 of the way per step)."""
+    module, variables = load_mobilenet_v3(_save(_torch_classifier(2, 32, width_mult=0.25), tmp_path / "start.pt"))
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(  # torch's initial statistics: mean 0, var 1
+        lambda path, x: np.zeros_like(x) if path[-1].key == "mean" else np.ones_like(x), variables["batch_stats"])
+    chips = _chips(32, n=4, seed=5)
+    logits, updates = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"],
+                                                        rngs={"dropout": jax.random.key(1)}))(variables, chips)
+    stem_input_mean = np.asarray(updates["batch_stats"]["features_0_1"]["mean"]) / 0.01  # from a mean of 0
+    stem_conv = np.asarray(jax.lax.conv_general_dilated(
+        chips, variables["params"]["features_0_0"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    np.testing.assert_allclose(stem_input_mean, stem_conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(logits) - np.asarray(jax.jit(module.apply)(variables, chips))).max() > 1e-6

@@ -6,7 +6,10 @@ Linear(960, 1280) + Hardswish + Dropout + Linear(1280, num_classes)); only the l
 differs between the project's classifiers: 6 for the training classifier (logits[:, :2] gender,
 logits[:, 2:6] race), 2 for the gender and age test classifiers, 4 for the race test classifier.
 
-Inference only: BatchNorm always uses its running statistics and dropout is the identity. The
+Inference by default: BatchNorm uses its running statistics and dropout is the identity. With
+`train=True` (the classifier trainer, fairdiff_jax/classifier/) BatchNorm normalises with the
+batch's statistics and updates the running ones (apply with `mutable=['batch_stats']`), with
+torchvision's momentum, and dropout needs a 'dropout' rng. The
 running statistics live in the `batch_stats` collection, as Flax's BatchNorm keeps them, so the
 variables are `{'params': ..., 'batch_stats': ...}` and convert one to one from a torchvision
 state dict (no folding into the convolutions: the converted tree stays comparable key by key).
@@ -16,6 +19,7 @@ Submodules are named after torchvision's modules (`features_4/block_2/fc1`,
 renaming rules that route each tensor to its collection.
 """
 
+import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -26,6 +30,8 @@ import jax.numpy as jnp
 from fairdiff_jax.nn import weights
 
 BATCH_NORM_EPS = 1e-3  # torchvision's MobileNetV3 norm layer: BatchNorm2d(eps=0.001, momentum=0.01)
+BATCH_NORM_MOMENTUM = 0.99  # Flax's momentum is the running statistics' decay: 1 - torchvision's 0.01
+DROPOUT_RATE = 0.2  # torchvision's classifier_2
 HEAD_KEY = "classifier.3.weight"
 WIDTH_KEY = "classifier.0.weight"  # [1280 * width_mult, 960 * width_mult]
 
@@ -89,6 +95,7 @@ def _conv_bn(
     stride: int = 1,
     groups: int = 1,
     activation: Optional[Callable[[jax.Array], jax.Array]] = None,
+    train: bool = False,
 ) -> jax.Array:
     """torchvision's Conv2dNormActivation: `<prefix>_0` conv (no bias), `<prefix>_1` BatchNorm, activation.
 
@@ -108,7 +115,8 @@ def _conv_bn(
         name=f"{prefix}_0",
     )(x)
     x = nn.BatchNorm(
-        use_running_average=True,
+        use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
         epsilon=BATCH_NORM_EPS,
         dtype=module.dtype,
         param_dtype=module.param_dtype,
@@ -143,7 +151,7 @@ class InvertedResidual(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.config
         activation = jax.nn.hard_swish if cfg.use_hardswish else nn.relu
         # torchvision numbers the layers of `block` as a Sequential: the expand conv exists only when
@@ -151,18 +159,18 @@ class InvertedResidual(nn.Module):
         index = 0
         y = x
         if cfg.expanded_channels != cfg.input_channels:
-            y = _conv_bn(self, y, f"block_{index}", cfg.expanded_channels, 1, activation=activation)
+            y = _conv_bn(self, y, f"block_{index}", cfg.expanded_channels, 1, activation=activation, train=train)
             index += 1
         y = _conv_bn(
             self, y, f"block_{index}", cfg.expanded_channels, cfg.kernel, cfg.stride,
-            groups=cfg.expanded_channels, activation=activation,
+            groups=cfg.expanded_channels, activation=activation, train=train,
         )
         index += 1
         if cfg.use_se:
             squeeze = _make_divisible(cfg.expanded_channels // 4)
             y = SqueezeExcitation(squeeze, self.dtype, self.param_dtype, name=f"block_{index}")(y)
             index += 1
-        y = _conv_bn(self, y, f"block_{index}", cfg.out_channels, 1)
+        y = _conv_bn(self, y, f"block_{index}", cfg.out_channels, 1, train=train)
         if cfg.stride == 1 and cfg.input_channels == cfg.out_channels:
             y = y + x
         return y
@@ -182,15 +190,17 @@ class MobileNetV3Large(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, face_chips: jax.Array, features_only: bool = False) -> jax.Array:
-        """features_only: return the input of the last Linear instead ([N, 1280 * width_mult] float32)."""
+    def __call__(self, face_chips: jax.Array, features_only: bool = False, train: bool = False) -> jax.Array:
+        """features_only: return the input of the last Linear instead ([N, 1280 * width_mult] float32).
+        train: batch statistics in BatchNorm (mutable 'batch_stats') and dropout (a 'dropout' rng)."""
         table = large_config(self.width_mult)
         x = face_chips.astype(self.dtype)
-        x = _conv_bn(self, x, "features_0", table[0].input_channels, 3, 2, activation=jax.nn.hard_swish)
+        x = _conv_bn(self, x, "features_0", table[0].input_channels, 3, 2, activation=jax.nn.hard_swish, train=train)
         for i, cfg in enumerate(table, start=1):
-            x = InvertedResidual(cfg, self.dtype, self.param_dtype, name=f"features_{i}")(x)
+            x = InvertedResidual(cfg, self.dtype, self.param_dtype, name=f"features_{i}")(x, train)
         last = len(table) + 1
-        x = _conv_bn(self, x, f"features_{last}", 6 * table[-1].out_channels, 1, activation=jax.nn.hard_swish)
+        x = _conv_bn(self, x, f"features_{last}", 6 * table[-1].out_channels, 1, activation=jax.nn.hard_swish,
+                     train=train)
         x = jnp.mean(x, axis=(1, 2))
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
@@ -199,6 +209,7 @@ class MobileNetV3Large(nn.Module):
         if features_only:
             return x.astype(jnp.float32)
         # classifier_2 is torchvision's Dropout(0.2): the identity at inference.
+        x = nn.Dropout(DROPOUT_RATE, deterministic=not train, name="classifier_2")(x)
         return dense(self.num_classes, "classifier_3")(x).astype(jnp.float32)
 
 
@@ -244,3 +255,33 @@ def load_mobilenet_v3(
     module = MobileNetV3Large(file_classes, width_mult, dtype=dtype, param_dtype=param_dtype)
     variables = weights.convert_with_batch_stats(state_dict, variable_shapes(module, 32), source=str(path))
     return module, variables
+
+
+def torchvision_state_dict(variables: dict) -> dict:
+    """`{'params', 'batch_stats'}` of a MobileNetV3Large -> torchvision's mobilenet_v3_large state dict
+    (torch tensors, float32), the inverse of `load_mobilenet_v3`'s conversion: `torch.save` it and
+    `torchvision.models.mobilenet_v3_large(num_classes=..., width_mult=...).load_state_dict` takes it
+    (strict), as do the debiasing configs' classifier paths.
+
+    Module paths map back by the naming rule of the module docstring (`features_4/block_2/fc1` ->
+    `features.4.block.2.fc1`); kernels go HWIO -> OIHW and [in, out] -> [out, in]; BatchNorm `scale` /
+    `mean` / `var` become `weight` / `running_mean` / `running_var`, with a zero `num_batches_tracked`
+    (torchvision reads it only when its BatchNorm momentum is None).
+    """
+    import numpy as np
+    import torch
+    from flax import traverse_util
+
+    leaf_names = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+                  ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+    state = {}
+    for path, value in traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats")}).items():
+        collection, modules, leaf = path[0], path[1:-1], path[-1]
+        prefix = ".".join(re.sub(r"_(\d+)", r".\1", m) for m in modules)
+        value = np.array(jax.device_get(value), np.float32)  # a writable copy: torch.from_numpy shares it
+        if leaf == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        state[f"{prefix}.{leaf_names[collection, leaf]}"] = torch.from_numpy(np.ascontiguousarray(value))
+        if leaf == "mean":
+            state[f"{prefix}.num_batches_tracked"] = torch.zeros((), dtype=torch.int64)
+    return state
