@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from fairdiff_jax.miniature import detector as detector_lib
+
+# Training the detector here takes ~4 min of the 2-core machine (224 s measured): the slow pass runs it.
+pytestmark = pytest.mark.slow
 from fairdiff_jax.miniature import world
 from fairdiff_jax.nn import weights
 
