@@ -9,7 +9,8 @@ logits[:, 2:6] race), 2 for the gender and age test classifiers, 4 for the race 
 Inference by default: BatchNorm uses its running statistics and dropout is the identity. With
 `train=True` (the classifier trainer, fairdiff_jax/classifier/) BatchNorm normalises with the
 batch's statistics and updates the running ones (apply with `mutable=['batch_stats']`), with
-torchvision's momentum, and dropout needs a 'dropout' rng. The
+torchvision's momentum (the `batch_norm_momentum` field; 0.0 stores each batch's own statistics), and
+dropout needs a 'dropout' rng. The
 running statistics live in the `batch_stats` collection, as Flax's BatchNorm keeps them, so the
 variables are `{'params': ..., 'batch_stats': ...}` and convert one to one from a torchvision
 state dict (no folding into the convolutions: the converted tree stays comparable key by key).
@@ -100,7 +101,8 @@ def _conv_bn(
     """torchvision's Conv2dNormActivation: `<prefix>_0` conv (no bias), `<prefix>_1` BatchNorm, activation.
 
     A function called from `module`'s compact method rather than a submodule, so that both layers
-    sit directly under `module` as torch's `features.0.0` / `features.0.1` do. PyTorch pads (k - 1) // 2 on every side; Flax's 'SAME' would pad asymmetrically at stride 2.
+    sit directly under `module` as torch's `features.0.0` / `features.0.1` do; `module` carries the
+    BatchNorm's `batch_norm_momentum`. PyTorch pads (k - 1) // 2 on every side; Flax's 'SAME' would pad asymmetrically at stride 2.
     """
     pad = (kernel - 1) // 2
     x = nn.Conv(
@@ -116,7 +118,7 @@ def _conv_bn(
     )(x)
     x = nn.BatchNorm(
         use_running_average=not train,
-        momentum=BATCH_NORM_MOMENTUM,
+        momentum=module.batch_norm_momentum,
         epsilon=BATCH_NORM_EPS,
         dtype=module.dtype,
         param_dtype=module.param_dtype,
@@ -149,6 +151,7 @@ class InvertedResidual(nn.Module):
     config: InvertedResidualConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -188,6 +191,10 @@ class MobileNetV3Large(nn.Module):
     width_mult: float = 1.0  # torchvision's; the original classifiers use 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Flax's decay of the running statistics in train mode. 0.0: a train-mode apply stores each batch's own
+    # statistics (mean, biased variance), what the trainer's BatchNorm recompute averages
+    # (fairdiff_jax/classifier/batch_norm.py).
+    batch_norm_momentum: float = BATCH_NORM_MOMENTUM
 
     @nn.compact
     def __call__(self, face_chips: jax.Array, features_only: bool = False, train: bool = False) -> jax.Array:
@@ -197,7 +204,8 @@ class MobileNetV3Large(nn.Module):
         x = face_chips.astype(self.dtype)
         x = _conv_bn(self, x, "features_0", table[0].input_channels, 3, 2, activation=jax.nn.hard_swish, train=train)
         for i, cfg in enumerate(table, start=1):
-            x = InvertedResidual(cfg, self.dtype, self.param_dtype, name=f"features_{i}")(x, train)
+            x = InvertedResidual(cfg, self.dtype, self.param_dtype, self.batch_norm_momentum,
+                                 name=f"features_{i}")(x, train)
         last = len(table) + 1
         x = _conv_bn(self, x, f"features_{last}", 6 * table[-1].out_channels, 1, activation=jax.nn.hard_swish,
                      train=train)
