@@ -59,6 +59,12 @@ def get_config():
     config.optim.weight_decay = 1e-4
     config.augment = True
 
+    # BatchNorm statistics recomputed before evaluation and export as exact averages over the first
+    # recompute_chips training chips, in batches of recompute_batch_size (the torch build's 4096 / 256); 0: off.
+    config.batch_norm = config_dict.ConfigDict()
+    config.batch_norm.recompute_chips = 4096
+    config.batch_norm.recompute_batch_size = 256
+
     config.eval_batch_size = 256
     config.log_every = 50
     config.checkpoint_every = 100

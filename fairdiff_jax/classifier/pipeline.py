@@ -66,6 +66,20 @@ def train_batches(builder: tfds.core.DatasetBuilder, split: str, heads: Sequence
     return ds.skip(start_step).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
+def statistics_batches(builder: tfds.core.DatasetBuilder, split: str, num_chips_per_process: int,
+                       batch_size_per_process: int, local_devices: int = 1) -> Iterator[np.ndarray]:
+    """This process's first `num_chips_per_process` chips of `split` in stored order (no augmentation, no
+    shuffle: a fixed sample, the same on every run), as uint8 batches [B, S, S, 3] of `batch_size_per_process`;
+    the last may be smaller, cut to a multiple of `local_devices` (so it splits over the mesh). What the
+    trainer recomputes the BatchNorm statistics from (fairdiff_jax/classifier/batch_norm.py)."""
+    ds = builder.as_dataset(split=tfds.split_for_jax_process(split)).take(num_chips_per_process)
+    ds = ds.map(lambda example: example["face_chip"]).batch(batch_size_per_process)
+    for chips in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        usable = len(chips) - len(chips) % local_devices
+        if usable:
+            yield chips[:usable]
+
+
 def eval_batches(builder: tfds.core.DatasetBuilder, split: str, heads: Sequence[tuple[str, int]],
                  batch_size_per_process: int) -> Iterator[dict]:
     """One pass over this process's share of `split`, in batches of exactly `batch_size_per_process`: the

@@ -12,6 +12,10 @@ Reads top to bottom: config -> mesh -> data -> model and optimizer -> loop (chec
   brightness / contrast, blur and noise, what generated faces add to real ones.
 - Checkpoints: orbax (fairdiff_jax/training/checkpoints.py) of the whole state with the data position; a
   rerun of the same command resumes from the newest intact one.
+- BatchNorm statistics: recomputed after the last step, before evaluation and export, as exact averages over
+  the first config.batch_norm.recompute_chips unaugmented training chips (fairdiff_jax/classifier/batch_norm.py:
+  the torch build's recompute; the running averages of a 400-step run are stale). The checkpoints keep the
+  running averages, so a resumed or repeated run recomputes the same statistics.
 - Export (workdir/export/): `variables/` (an orbax checkpoint of {'params', 'batch_stats'}),
   `classifier.pt` (torchvision mobilenet_v3_large state dict: set config.model.classifier_path to it),
   `classifier.json` (heads, width, chip size, held-out metrics).
@@ -32,6 +36,7 @@ import orbax.checkpoint as ocp
 import torch
 from ml_collections import config_dict
 
+from fairdiff_jax.classifier import batch_norm
 from fairdiff_jax.classifier import metrics as metrics_lib
 from fairdiff_jax.classifier import pipeline
 from fairdiff_jax.judging.mobilenet_v3 import MobileNetV3Large, torchvision_state_dict
@@ -139,6 +144,23 @@ def initial_state(module: MobileNetV3Large, config: config_dict.ConfigDict) -> C
                            rng=jax.random.key_data(jax.random.key(config.seed + 1)), tx=tx)
 
 
+def recomputed_variables(module: MobileNetV3Large, variables: dict, builder, config: config_dict.ConfigDict,
+                         mesh) -> tuple[dict, dict]:
+    """(variables with BatchNorm statistics averaged over the training chips, what the report records).
+    config.batch_norm.recompute_chips 0 keeps the running averages."""
+    chips, batch_size = config.batch_norm.recompute_chips, config.batch_norm.recompute_batch_size
+    if not chips:
+        return variables, {"recomputed": False}
+    began = time.perf_counter()
+    batches = pipeline.statistics_batches(builder, config.data.train_split, chips // jax.process_count(),
+                                          batch_size // jax.process_count(), len(mesh.local_devices))
+    variables, counts = batch_norm.recompute_batch_stats(module, variables, batches, mesh, to_input=to_chips)
+    report = {"recomputed": True, **counts, "batch_size": batch_size,
+              "seconds": round(time.perf_counter() - began, 1)}
+    print(f"BatchNorm statistics recomputed: {report}", flush=True)
+    return variables, report
+
+
 def export(workdir: Path, module: MobileNetV3Large, variables: dict, config: config_dict.ConfigDict,
            report: dict) -> Path:
     """workdir/export/{variables (orbax), classifier.pt (torchvision), classifier.json}; returns the folder."""
@@ -212,13 +234,14 @@ def train_and_export(config: config_dict.ConfigDict) -> dict:
                            "input_wait_fraction": round(waited / elapsed, 4), "timed_steps": timed_steps,
                            "devices": mesh.devices.size}
         print(f"speed: {report['speed']}", flush=True)
+    variables, report["batch_norm"] = recomputed_variables(module, state.variables, builder, config, mesh)
     report["held_out"] = {}
     for split in config.data.eval_splits:
-        values = evaluate(eval_step, state.variables, builder, split, heads, config.eval_batch_size, mesh)
+        values = evaluate(eval_step, variables, builder, split, heads, config.eval_batch_size, mesh)
         writer.write_scalars(int(jax.device_get(state.step)), {f"{split}/{k}": v for k, v in values.items()})
         report["held_out"][split] = values
         print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
     writer.close()
-    out = export(workdir, module, state.variables, config, report)
+    out = export(workdir, module, variables, config, report)
     print(f"exported {out / 'classifier.pt'} and {out / 'variables'}", flush=True)
     return report
