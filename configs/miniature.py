@@ -26,6 +26,11 @@ def get_config():
     common.flat_asset_layout(config)
     assets = config.get_ref("assets_dir")
     config.model.dtype = "float32"
+    # At SD's 7.5 the miniature generator's gender and race are a function of the prompt alone: every noise draws
+    # the same class, so a LoRA can only move all images of a prompt together and the gap cannot fall (measured:
+    # README.md, "Measured with the evaluation judges"). At 3.0 the noise still picks the face (more than at 7.5)
+    # while the original stays as biased (held-out gender gap 0.93 vs 1.0). Training and evaluation both use it.
+    config.model.guidance_scale = 3.0
 
     # The text tower is 64 wide: rank 8 is already an eighth of it (SD's 50 is ~7% of 768). Both parts train:
     # in short runs the UNet's LoRA moves the bias faster than the text encoder's alone.
@@ -36,13 +41,13 @@ def get_config():
     # 100x SD's 5e-5: minutes instead of days. 1e-2 already broke the images within 20 steps.
     config.optim.learning_rate = 5e-3
 
-    config.train.max_steps = 50  # the demo's budget; the README's measured run continues to 250
-    config.train.images_per_prompt = 32
+    config.train.max_steps = 32  # the demo's budget (about 3 minutes of training on 2 cores)
+    config.train.images_per_prompt = 16
     config.train.micro_batch_size = 16
     config.train.generation_batch_size = 16
     config.train.min_denoising_steps = 10  # one count: one compilation of each stage
     config.train.max_denoising_steps = 10
-    config.train.plot_every_steps = 25
+    config.train.plot_every_steps = 16
 
     config.loss.img_size_small = 32  # the world's image size; the towers' patch 4 gives 8 x 8 patches
 
@@ -54,13 +59,13 @@ def get_config():
 
     config.data.prompts_dir = assets + "/prompts"  # build_miniature writes world.prompt_sets() there
 
-    config.ckpt.every_steps = 25
+    config.ckpt.every_steps = 16
     config.ckpt.keep = 2
-    config.ckpt.permanent_every_steps = 50
+    config.ckpt.permanent_every_steps = 32
 
     # A quick look during the run (validation prompts); python -m fairdiff_jax.before_after measures.
     config.eval.at_start = False
-    config.eval.every_steps = 25
+    config.eval.every_steps = 32
     config.eval.images_per_prompt = 16
     config.eval.batch_size = 16
     config.eval.num_denoising_steps = 10
