@@ -1,6 +1,7 @@
 """The classifier trainer's BatchNorm recompute (fairdiff_jax/classifier/batch_norm.py) against torch's, the one
 scripts/build_miniature.py ends `train_mobilenet` with: reset_running_stats, momentum None, train-mode forwards."""
 
+import pytest
 import jax
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ def _largest_relative_error(got: dict, want: dict) -> float:
     return max(float(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-12)) for k in want)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_recompute_equals_torchs_cumulative_average(tmp_path):
     model = _random_torch_classifier()
     torch.save(model.state_dict(), tmp_path / "start.pt")

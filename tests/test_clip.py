@@ -102,6 +102,7 @@ def torch_clip_feature(ref, images_nhwc, size: int) -> torch.Tensor:
     return torch.nn.functional.normalize(embeds.float(), dim=-1)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_vision_tower_and_feature_function_match_transformers(tmp_path):
     torch.manual_seed(2)
     config = transformers.CLIPVisionConfig(hidden_act="gelu", **TINY_VISION)

@@ -74,6 +74,7 @@ def test_random_weights_follow_the_names_and_fan_in():
     np.testing.assert_array_equal(np.asarray(again["dense"]["kernel"], np.float32), kernel)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_sd15_shapes_have_sd15_parameter_counts():
     """The abstract SD v1-5 networks have the parameter counts of the released model's UNet, VAE decoder and text encoder."""
     sd, _, _ = random_models.abstract_models(random_models.SHAPES["sd15"], jnp.bfloat16)

@@ -80,6 +80,7 @@ def every_style_and_context():
     return cells
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_judges_read_every_style_and_context(every_style_and_context):
     """The judges are trained on every style x context in equal shares: a watercolour night scene must be found
     and named about as surely as a photo (the before/after tables score prompts of every style and context)."""
@@ -99,6 +100,7 @@ def test_judges_read_every_style_and_context(every_style_and_context):
     assert not low, f"style x context cells below face share {MIN_CELL_FACE_SHARE} / consistency {MIN_CELL_CONSISTENCY}: {low}"
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_threshold_travels_in_the_file_and_old_files_keep_the_default(tmp_path):
     params = jax.device_get(detector_lib.DetectorNet(8).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
     images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)

@@ -77,6 +77,7 @@ def stand_in_evaluator(tmp_path_factory):
     return config, from_config.load_evaluator(config)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_nan_and_black_sets_are_reported_as_degenerate(stand_in_evaluator):
     config, evaluator = stand_in_evaluator
     prompt = PROMPTS[0]

@@ -290,6 +290,7 @@ def test_rerun_computes_only_new_or_changed_images(tmp_path, classifiers):
     assert fifth.images_seen == 7
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_cli_runs_mtcnn_and_writes_everything(tmp_path, torch_classifiers, capsys):
     import skimage.data
 
@@ -371,6 +372,7 @@ def similarity_folders(tmp_path_factory):
     return root / "clip", root / "dino"
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, classifiers, similarity_folders, capsys):
     _, args = good_args
     images = write_images(tmp_path / "images")
@@ -412,6 +414,7 @@ def test_reference_similarity_is_one_for_identical_images(tmp_path, good_args, c
     assert math.isnan(prompt_metrics(results[1])["dino"])
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_cli_measures_fidelity_and_clip_t(tmp_path, good_args, similarity_folders, capsys):
     from fairdiff_jax.eval.consistency import ClipTextConsistency
     from fairdiff_jax.judging import tiny

@@ -134,6 +134,7 @@ def test_export_replaces_the_folder_whole_or_not_at_all(tmp_path, tiny_sd, monke
     assert after.keys() == before.keys() and all(after[k] != before[k] for k in after)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_the_same_weights_give_the_same_bytes(tmp_path, tiny_sd):
     save_run(tmp_path, tiny_sd, True, True)
     files = [export.export(tmp_path, 4, tmp_path / f"out{i}") / "pytorch_lora_weights.safetensors" for i in range(4)]

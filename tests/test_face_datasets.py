@@ -32,6 +32,7 @@ def _write_folder(root, n=6, seed=0):
     return renders
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_labelled_folder_builds_chips_with_fairface_labels(tmp_path):  # 24 s at load 12 on 2 cores
     renders = _write_folder(tmp_path / "manual")
     builder = face_datasets.LabelledFaceFolder(

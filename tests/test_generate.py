@@ -48,6 +48,7 @@ def _pixels(path):
     return np.asarray(Image.open(path), dtype=np.float32)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_files_resume_and_batch_independence(model, prompt_file, tmp_path, capsys):
     first = tmp_path / "first"
     _run(model, prompt_file, first, num=2, batch=1)
@@ -146,6 +147,7 @@ def _lora_files(model, folder, up_std):
     return paths
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_lora_files(model, prompt_file, tmp_path, capsys):
     _run(model, prompt_file, tmp_path / "base", num=1, batch=1)
     names = ["prompt_0/img_0.jpg", "prompt_1/img_0.jpg"]

@@ -104,6 +104,7 @@ def _assert_close(got, want, base, what):
     np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"{what} (LoRA effect {effect:.2e})")
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_original_pth_imports_and_reproduces_torch(sd, tmp_path):
     """Original-way PyTorch LoRA -> .pth -> load_original -> Flax merge == PyTorch outputs."""
     unet, text_encoder = _torch_unet(sd), _torch_text(sd)

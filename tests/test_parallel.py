@@ -251,6 +251,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_two_processes_match_one_device(tmp_path):
     address = f"localhost:{_free_port()}"
     procs = [

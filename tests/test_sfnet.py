@@ -109,6 +109,7 @@ def test_older_opensphere_naming_loads(tmp_path):
     np.testing.assert_allclose(got, want, atol=RELATIVE_TOL * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_input_gradient_of_feature_matches_torch(tmp_path):
     """The feature sits inside the face-realism loss: its input gradient must be PyTorch's, finite, non-zero."""
     net = _torch_net(False, seed=2)

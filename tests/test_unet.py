@@ -99,6 +99,7 @@ def test_tiny_unet_matches_diffusers(tiny):
     np.testing.assert_allclose(got, want, rtol=0, atol=F32_ATOL)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_encoder_attention_mask_matches_diffusers(tiny):
     """A per-row key mask on the text tokens in every cross-attention, as diffusers' encoder_attention_mask;
     masking trailing tokens equals dropping them, and a [1, L] mask is shared by the batch."""
@@ -156,6 +157,7 @@ def test_param_shapes_match_loaded_params(tiny):
     assert {p: s.shape for p, s in shapes.items()} == {p: v.shape for p, v in flat.items()}
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_bfloat16_model_stays_close_to_float32(tiny):
     """The frozen-model setting: bf16 params and compute (einsum attention), float32 output."""
     folder, net, _, _, _ = tiny
@@ -198,6 +200,7 @@ def test_remat_gives_the_same_loss_and_gradients(tiny):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), remat_grad, plain_grad)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_linear_projection_variant_matches_diffusers(tmp_path):
     net = _random_torch_unet(TINY_LINEAR, seed=2)
     net.save_pretrained(tmp_path)

@@ -59,6 +59,7 @@ def test_decoder_matches_diffusers(torch_vae_folder):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 def test_bfloat16_decoder_is_close(torch_vae_folder):
     model, folder = torch_vae_folder
     module, params = vae_lib.load_vae_decoder(folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl="einsum")
@@ -127,6 +128,7 @@ def test_remat_puts_every_resnet_attention_and_upsampler_under_checkpoint(torch_
     assert checkpoints(module.clone(remat=True)) == 3 + 4 + 1
 
 
+@pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it
 @pytest.mark.parametrize("attention_impl", ["xla", "chunked"])
 def test_remat_and_chunked_attention_give_the_same_images_and_gradients(torch_vae_folder, attention_impl, monkeypatch):
     # Blocks of 16 queries, so that the 64-token mid-block attention runs as 4 blocks.
