@@ -10,9 +10,9 @@ Run (from the repository root; scripts/demo.sh does this and the evaluation befo
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python -m fairdiff_jax.train --config configs/miniature.py --workdir workdirs/miniature
 
-What to expect: the original model is strongly biased on every kind of prompt; the demo's 50 steps lower the
-gaps a little, longer runs (--config.train.max_steps=250) more. Measured runs, their commands and what holds
-them back: README.md, "Measured: does the bias go away?".
+What to expect: the original model is strongly biased on every kind of prompt; the demo's 32 steps lower the
+gaps a little with the pictures kept, longer runs (--config.train.max_steps=96) somewhat more. Measured runs,
+their commands and what holds them back: README.md, "Measured with the evaluation judges".
 """
 
 from configs import common
