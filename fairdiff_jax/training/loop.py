@@ -48,7 +48,7 @@ from fairdiff_jax.eval import periodic
 from fairdiff_jax.judging import judges as judges_lib
 from fairdiff_jax.sd.clip_text import load_clip_text
 from fairdiff_jax.sd.loader import load_stable_diffusion
-from fairdiff_jax.training import checkpoints, health, optim, parallel
+from fairdiff_jax.training import checkpoints, health, optim, ot_targets, parallel
 from fairdiff_jax.training import workdir as workdir_lib
 from fairdiff_jax.training import step as debias_step
 from fairdiff_jax.training.stages import Stages
@@ -304,6 +304,7 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
 
             logged = debias_step.logged_terms(step_metrics["aux"])
             logged.update(bias_lib.bias_metrics(prepared.probs, prepared.detections.found, judges.attributes, config.loss.confidence_level))
+            logged.update(ot_targets.target_shares(prepared.targets, prepared.probs, judges.attributes))
             logged.update(
                 loss=float(step_metrics["loss"]), skipped=int(step_metrics["skipped"]), grad_norm=float(step_metrics["grad_norm"]),
                 faces=int(prepared.detections.found.sum()), denoising_steps=num_steps, seconds=time.perf_counter() - started,

@@ -181,3 +181,21 @@ def optimal_transport_targets(
         targets.append(target.astype(np.int64))
         uncertainties.append(uncertainty)
     return OTTargets(tuple(targets), tuple(uncertainties), joint_probs)
+
+
+def target_shares(targets: OTTargets, probs_per_attribute: Sequence[ArrayLike],
+                  attribute_names: Sequence[str]) -> dict[str, float]:
+    """What the fairness term asks of a batch of N images, for the training log (values in [0, 1]):
+
+        "targets_<name>"          share of the N images with a target for that attribute (not -1)
+        "targets_<name>_changed"  share of the N images whose target differs from the class predicted now
+
+    Few targets mean little fairness gradient: with a handful of images and many classes, the sampled label
+    counts vary so much between draws that most images' targets are too uncertain (docs/method.md#ot-targets).
+    """
+    shares = {}
+    for name, target, probs in zip(attribute_names, targets.targets, probs_per_attribute):
+        has_target = target != NO_TARGET
+        shares[f"targets_{name}"] = float(has_target.mean())
+        shares[f"targets_{name}_changed"] = float((has_target & (target != np.argmax(probs, axis=-1))).mean())
+    return shares
