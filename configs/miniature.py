@@ -41,10 +41,14 @@ def get_config():
     # 100x SD's 5e-5: minutes instead of days. 1e-2 already broke the images within 20 steps.
     config.optim.learning_rate = 5e-3
 
-    config.train.max_steps = 32  # the demo's budget (about 3 minutes of training on 2 cores)
-    config.train.images_per_prompt = 16
-    config.train.micro_batch_size = 16
-    config.train.generation_batch_size = 16
+    config.train.max_steps = 32  # the demo's budget (about 6 minutes of training on 2 cores)
+    # The original's 40 images per step. With 16 the sampled balanced label counts vary so much between OT draws
+    # that two thirds of the faces get no race target and race hardly moves (docs/method.md#ot-targets; measured
+    # with the demo's budget: race gap removed 4% with 16 images, 18% with 40; README.md, "Measured with the
+    # evaluation judges").
+    config.train.images_per_prompt = 40
+    config.train.micro_batch_size = 20  # per device: one backward pass over each device's 20 images
+    config.train.generation_batch_size = 20
     config.train.min_denoising_steps = 10  # one count: one compilation of each stage
     config.train.max_denoising_steps = 10
     config.train.plot_every_steps = 16

@@ -7,7 +7,7 @@
 #   3. generate the original and the debiased (EMA) model's images (32 per prompt, same seeds) for the
 #      22 held-out prompts of the four kinds, evaluate both with the test classifiers and the evaluation's
 #      judges and print the bias before -> after beside fidelity, prompt consistency and face share.
-# About 10 minutes after set-up on 2 cores (README.md: the measured time and its table).
+# About 8 minutes after set-up on 2 cores (README.md: the measured time and its table).
 # Output under demo_out/ (or the folder given as $1); a second run starts afresh.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
