@@ -345,13 +345,14 @@ def sd15_memory(train_text_encoder: bool, train_unet: bool, micro_batch: int, im
     print(f"  XLA cost-analysis FLOPs of the gradient stage (loop bodies counted once): {float((compiled.cost_analysis() or {}).get('flops', float('nan'))):.3e}")
 
 
-def unet_equivalents(lora_part: str, micro_batch: int = 4, dtype=jnp.bfloat16, attention_impl: str = "chunked",
+def unet_equivalents(lora_part: str, micro_batch: int = 1, dtype=jnp.bfloat16, attention_impl: str = "chunked",
                      shapes: str = "sd15") -> dict:
     """UNet-forward equivalents per image per denoising step of a training step (random_models.SHAPES[shapes]), per
     gradient path (step.DFT_GRADIENTS).
 
     XLA counts a loop body once, so the counts come from programs whose loops all run once: one denoising step, one
-    micro-batch of `micro_batch` images, abstract inputs (compile only). U = FLOPs of one guided UNet call (the
+    image (the stored path's backward decodes one image at a time, a loop over the micro-batch), abstract inputs
+    (compile only); every count is linear in the batch. U = FLOPs of one guided UNet call (the
     prompt and the empty prompt) per image; for each path, the gradient stage's per-step UNet work = FLOPs of the
     sampler's gradient (w.r.t. the UNet LoRA, or the prompt embeddings a text-encoder LoRA reaches) minus those of
     the VAE decode's gradient (once per image per step, not per denoising step). The no-gradient pass adds 2 U

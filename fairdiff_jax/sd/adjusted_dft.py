@@ -136,8 +136,14 @@ def images_from_trajectory(
     def backward(residuals, image_cotangent):
         trainable, cond, uncond, fixed = residuals
         vae_params, schedule, gradient_scales, trajectory, final_latents, guidance_scale, context_mask = fixed
-        _, decode_vjp = jax.vjp(lambda x: decode(vae_params, x), final_latents)
-        (latent_cotangent,) = decode_vjp(image_cotangent)
+        def decode_cotangent(latents_and_cotangent):
+            latents, cotangent = latents_and_cotangent
+            _, decode_vjp = jax.vjp(lambda x: decode(vae_params, x[None])[0], latents)
+            return decode_vjp(cotangent)[0]
+
+        # One image at a time: the decoder's 512 px activations dominate the backward pass's memory
+        # (docs/method.md#adjusted-direct-finetuning), and nothing else is alive beside them here.
+        latent_cotangent = jax.lax.map(decode_cotangent, (final_latents, image_cotangent))
 
         def step_eps(trainable, cond, uncond, latents, timestep):
             eps_fn = unet_eps_fn(unet, unet_params_of(trainable))
