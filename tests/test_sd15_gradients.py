@@ -34,7 +34,7 @@ BF16_IMAGE_MEAN_ABS = 0.03
 BF16_GRAD_COSINE = 0.95
 BF16_GRAD_NORM_RATIO = (0.9, 1.1)
 
-pytestmark = pytest.mark.slow  # three SD-1.5-shape gradient programs: ~15 min on 2 cores
+pytestmark = pytest.mark.slow  # three SD-1.5-shape gradient programs: ~10 min on 2 cores
 
 
 def _gradients(dtype, path: str):
@@ -53,10 +53,7 @@ def _gradients(dtype, path: str):
     # float32 LoRA factors in both precisions (as in training), the same draws: they depend on shapes only.
     unet_lora = trained_lora(sd.unet_params, "unet", RANK, 1)
     text_lora = trained_lora(sd.text_encoder_params, "text_encoder", RANK, 2)
-    if path == "stored":
-        grads, images = stored(params, unet_lora, text_lora, scales)
-    else:
-        grads, images = rerun(params, unet_lora, text_lora, scales)
+    grads, images = {"stored": stored, "rerun": rerun}[path](params, unet_lora, text_lora, scales)
     return jax.device_get(grads), np.asarray(images)
 
 

@@ -100,8 +100,8 @@ def images_from_trajectory(
     Adjusted DFT detaches every UNet input, so step i's noise prediction depends on the trained weights only
     through the UNet call at x_i, and x_i is already known: the no-gradient pass that made the images with the
     same weights stored it (`sample_images_and_trajectory`). The forward pass is the decode of the stored final
-    latents; the backward pass decodes again under jax.vjp for dL/dx_n, then walks the steps from last to first:
-    the cotangent chain through the solver's linear updates as in `sample_images_adjusted`, and one VJP of the
+    latents; the backward pass decodes again under jax.vjp, image by image, for dL/dx_n, then walks the steps from
+    last to first: the cotangent chain through the solver's linear updates as in `sample_images_adjusted`, and one VJP of the
     guided UNet call at the stored x_i per step, its cotangent scaled by gradient_scales[i]. A step's UNet
     activations live only during its own VJP; the reverse scan carries the latent cotangents and the gradient of
     `trainable` (e.g. a LoRA tree), not one of the merged params.
@@ -136,13 +136,14 @@ def images_from_trajectory(
     def backward(residuals, image_cotangent):
         trainable, cond, uncond, fixed = residuals
         vae_params, schedule, gradient_scales, trajectory, final_latents, guidance_scale, context_mask = fixed
+
+        # One image at a time: the decoder's 512 px activations dominate the backward pass's memory
+        # (docs/method.md#adjusted-direct-finetuning).
         def decode_cotangent(latents_and_cotangent):
             latents, cotangent = latents_and_cotangent
             _, decode_vjp = jax.vjp(lambda x: decode(vae_params, x[None])[0], latents)
             return decode_vjp(cotangent)[0]
 
-        # One image at a time: the decoder's 512 px activations dominate the backward pass's memory
-        # (docs/method.md#adjusted-direct-finetuning), and nothing else is alive beside them here.
         latent_cotangent = jax.lax.map(decode_cotangent, (final_latents, image_cotangent))
 
         def step_eps(trainable, cond, uncond, latents, timestep):
