@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models import mobilenetv3
 
-from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3, torchvision_state_dict
+from fairdiff_jax.judging.mobilenet_v3 import MobileNetV3Large, load_mobilenet_v3, torchvision_state_dict
 from fairdiff_jax.nn import weights
 
 # float32 on both sides: max-abs difference allowed, relative to the largest reference value
@@ -152,3 +152,32 @@ def test_train_mode_uses_batch_statistics_and_updates_running_ones(tmp_path):
         dimension_numbers=("NHWC", "HWIO", "NHWC")))
     np.testing.assert_allclose(stem_input_mean, stem_conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
     assert np.abs(np.asarray(logits) - np.asarray(jax.jit(module.apply)(variables, chips))).max() > 1e-6
+
+
+def test_initialisation_matches_torchvision():
+    """A classifier trained from scratch starts where torchvision's does (Kaiming-normal fan-out convolutions,
+    depthwise included; N(0, 0.01) Linears; zero biases; BatchNorm 1 / 0): key by key, each weight's standard
+    deviation is within 10% of the formula (35% for tensors of under 1000 values, whose sample spread is noisier),
+    and so is torchvision's own, at width 1 with 10 logits."""
+    torch.manual_seed(0)
+    model = mobilenetv3.mobilenet_v3_large(num_classes=10)
+    module = MobileNetV3Large(10)
+    variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    ours = {key: np.asarray(value) for key, value in torchvision_state_dict(variables).items()}
+    checked = 0
+    for key, reference in model.state_dict().items():
+        if key.endswith("num_batches_tracked") or "running_" in key:
+            continue
+        reference = reference.numpy()
+        assert ours[key].shape == reference.shape, key
+        if key.endswith("bias") or (reference.ndim == 1 and np.all(reference == 1.0)):
+            np.testing.assert_array_equal(ours[key], reference, err_msg=key)  # zero biases, BatchNorm 1 / 0
+            continue
+        # conv [out, in / groups, k, k]: std sqrt(2 / (out k k)); Linear [out, in]: 0.01
+        expected = 0.01 if reference.ndim == 2 else np.sqrt(2.0 / (reference.shape[0] * np.prod(reference.shape[2:])))
+        tolerance = 0.35 if reference.size < 1000 else 0.1
+        assert abs(ours[key].std() / expected - 1) < tolerance, (key, ours[key].std(), expected)
+        assert abs(reference.std() / expected - 1) < tolerance, (key, reference.std(), expected)
+        assert abs(ours[key].std() / reference.std() - 1) < 2 * tolerance, key
+        checked += 1
+    assert checked > 60

@@ -35,6 +35,11 @@ BATCH_NORM_MOMENTUM = 0.99  # Flax's momentum is the running statistics' decay: 
 DROPOUT_RATE = 0.2  # torchvision's classifier_2
 HEAD_KEY = "classifier.3.weight"
 WIDTH_KEY = "classifier.0.weight"  # [1280 * width_mult, 960 * width_mult]
+# torchvision's initialisation of the network (what a classifier trained from scratch starts from): every
+# convolution Kaiming-normal over its fan-out (out channels x kernel area, also for the depthwise ones), every
+# Linear N(0, 0.01), biases zero (Flax's default), BatchNorm scale 1 and offset 0 (Flax's default too).
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+DENSE_INIT = nn.initializers.normal(0.01)
 
 
 class InvertedResidualConfig(NamedTuple):
@@ -112,6 +117,7 @@ def _conv_bn(
         padding=((pad, pad), (pad, pad)),
         feature_group_count=groups,
         use_bias=False,
+        kernel_init=CONV_INIT,
         dtype=module.dtype,
         param_dtype=module.param_dtype,
         name=f"{prefix}_0",
@@ -137,7 +143,7 @@ class SqueezeExcitation(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         conv = lambda features, name: nn.Conv(  # noqa: E731
-            features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            features, (1, 1), kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         scale = jnp.mean(x, axis=(1, 2), keepdims=True)
         scale = nn.relu(conv(self.squeeze_channels, "fc1")(scale))
@@ -211,7 +217,7 @@ class MobileNetV3Large(nn.Module):
                      train=train)
         x = jnp.mean(x, axis=(1, 2))
         dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            features, kernel_init=DENSE_INIT, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         x = jax.nn.hard_swish(dense(_make_divisible(LAST_CHANNEL * self.width_mult), "classifier_0")(x))
         if features_only:
