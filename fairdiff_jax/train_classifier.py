@@ -1,19 +1,34 @@
 """Trains a face-attribute classifier in JAX and exports it for the debiasing configs.
 
-    python -m fairdiff_jax.train_classifier --config configs/classifier_miniature.py [--config.<key>=<value>]
+    python -m fairdiff_jax.train_classifier --config configs/classifier_miniature.py [--workdir DIR] \
+        [--config.<key>=<value>]
+
+A rerun with the same workdir resumes from its newest checkpoint.
 
 See fairdiff_jax/classifier/trainer.py for what it does and writes, configs/classifier_*.py for the runs.
 """
 
+import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from fairdiff_jax import config_cli
 
 
 def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fairdiff_jax.train_classifier", description=__doc__,
+                                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="run folder (default: config.workdir)")
+    args, config_args = parser.parse_known_args(list(argv[1:]))
     try:
-        config, _ = config_cli.parse_config_args(argv)
+        config, positional = config_cli.parse_config_args([argv[0]] + config_args)
+        if positional:
+            raise config_cli.ConfigError(f"unexpected arguments: {positional}")
+        if args.workdir is not None:
+            if args.workdir.exists() and not args.workdir.is_dir():
+                raise config_cli.ConfigError(f"--workdir {args.workdir} is a file, not a folder")
+            config.workdir = str(args.workdir)
     except config_cli.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

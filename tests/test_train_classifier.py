@@ -18,7 +18,7 @@ from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3
 
 def _args(tmp_path, steps):
     return ["train_classifier", "--config", "configs/classifier_miniature.py",
-            f"--config.workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+            "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'tfds'}",
             "--config.data.builder_config.name=tiny", "--config.data.builder_config.vae_path=",
             "--config.data.builder_config.train_images=24", "--config.data.builder_config.validation_images=0",
             "--config.data.builder_config.test_images=8", "--config.data.eval_splits=('test',)",
@@ -56,3 +56,15 @@ def test_train_resume_export(tmp_path, capsys):
     got = np.asarray(jax.jit(module.apply)(variables, chips))
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)
+
+
+def test_workdir_that_is_a_file_is_refused_by_name(tmp_path, capsys):
+    """--workdir naming a file stops before any data or compilation, with exit 2 and the path in the message;
+    so does an unknown config key."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    argv = ["train_classifier", "--config", "configs/classifier_miniature.py", "--workdir", str(taken)]
+    assert train_classifier.main(argv) == 2
+    assert f"--workdir {taken} is a file" in capsys.readouterr().err
+    assert train_classifier.main(argv[:3] + ["--config.optim.stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err
