@@ -114,8 +114,21 @@ def test_reference_renders_are_balanced_and_show_the_scene():
     again = reference.balanced_renders(prompt, 64, seed=3)
     np.testing.assert_array_equal(renders.images, again.images)
     assert reference.scene_truth(prompt) == {"subject": "baker", "style": "watercolor painting", "context": "at night"}
-    with pytest.raises(ValueError, match="fixes gender or race"):
+    with pytest.raises(ValueError, match="fixes gender, race or age"):
         reference.class_prompt("a photo of the face of a female doctor", 0, 0)
+
+
+def test_reference_renders_balanced_in_age_too():
+    """balance_age: the 16 gender x race x age classes equally often, whatever the subject's own share of old faces
+    (a judge: mostly young); without it, the same renders as before (the subject's ages)."""
+    prompt = "a photo of the face of a judge"
+    renders = reference.balanced_renders(prompt, 64, seed=3, balance_age=True)
+    assert np.bincount(8 * renders.age + 4 * renders.gender + renders.race, minlength=16).tolist() == [4] * 16
+    plain = reference.balanced_renders(prompt, 64, seed=3)
+    assert np.bincount(4 * plain.gender + plain.race, minlength=8).tolist() == [8] * 8
+    assert plain.age.mean() != 0.5
+    with pytest.raises(ValueError, match="fixes gender, race or age"):
+        reference.class_prompt("a photo of the face of an old doctor", 0, 0, 1)
 
 
 @pytest.mark.parametrize("override, expected", [

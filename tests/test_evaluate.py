@@ -245,6 +245,22 @@ def test_bias_table_matches_hand_computation():
     assert table.rstrip().endswith("| 0.700 ± 0.050 |")
 
 
+def test_bias_of_other_attributes_gender_and_age():
+    """An evaluator debiasing gender x age reports their gaps instead of race's: prompt 0 above (faces: gender
+    M M F, age old young young). Gender (1/3, 2/3): 1/3; age (2/3, 1/3): 1/3; joint (j = 2 g + a): classes 3, 2
+    and 0 at 1/3 each, class 1 empty: 3 gaps of 1/3 over 6 unordered pairs = 1/6. The tables name them."""
+    result = _results([True, True, True, False], [1, 1, 0, 0], [0, 0, 3, 1], [1, 0, 0, 1])
+    row = prompt_metrics(result, bias_attributes=("gender", "age"))
+    assert row["gender_bias"] == pytest.approx(1 / 3)
+    assert row["age_bias"] == pytest.approx(1 / 3)
+    assert row["gender_age_bias"] == pytest.approx(1 / 6)
+    assert "race_bias" not in row and "gender_race_bias" not in row
+    summary = tables.summarize(tables.per_prompt_table({0: row}))
+    assert list(summary)[2:5] == ["gender_bias", "age_bias", "gender_age_bias"]  # after face and degenerate share
+    markdown = tables.comparison_markdown({"all": (summary, summary)})
+    assert "| prompts | gender bias | age bias | gender x age bias |" in markdown
+
+
 def test_rerun_computes_only_new_or_changed_images(tmp_path, classifiers):
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"

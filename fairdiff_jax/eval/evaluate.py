@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from fairdiff_jax import attributes as attributes_lib
 from fairdiff_jax.eval import grids as grids_lib
 from fairdiff_jax.eval import tables
 from fairdiff_jax.eval.evaluator import BIAS_ATTRIBUTES, Evaluator, PromptResults, prompt_metrics
@@ -177,9 +178,10 @@ def save_test_results(results: Mapping[int, PromptResults], path: str | Path) ->
     write_atomic(Path(path), lambda f: pickle.dump(lists, f))
 
 
-def prompt_grid(paths: Sequence[Path], result: PromptResults, tile: int = GRID_TILE) -> np.ndarray:
+def prompt_grid(paths: Sequence[Path], result: PromptResults, tile: int = GRID_TILE,
+                bias_attributes: Sequence[str] = BIAS_ATTRIBUTES) -> np.ndarray:
     """`grids_lib.annotated_grid` of the images `paths` (the first rows of `result`), each shrunk to `tile`
-    pixels on its longer side: uint8 [H, W, 3]."""
+    pixels on its longer side, with bars of the `bias_attributes`' probabilities: uint8 [H, W, 3]."""
     n = len(paths)
     pixels = read_pixels(paths)
     scale = tile / max(pixels.shape[1:3])
@@ -187,7 +189,7 @@ def prompt_grid(paths: Sequence[Path], result: PromptResults, tile: int = GRID_T
     small = np.stack([np.asarray(Image.fromarray(p).resize(size, Image.BILINEAR)) for p in pixels])
     return grids_lib.annotated_grid(
         small.astype(np.float32) / 127.5 - 1.0, result.found[:n], result.boxes[:n] * scale,
-        [result.probs(a)[:n] for a in BIAS_ATTRIBUTES],
+        [result.probs(a)[:n] for a in bias_attributes], attributes_lib.colors(bias_attributes),
     )
 
 
@@ -216,10 +218,11 @@ def evaluate(images_dir: str | Path, out_dir: str | Path, evaluator: Evaluator, 
         up_to_date = grid_path.is_file() and cache_file.is_file() and (
             grid_path.stat().st_mtime_ns >= cache_file.stat().st_mtime_ns)
         if grid_images > 0 and result.image_names and not up_to_date:
-            grid = prompt_grid([folders[i] / name for name in result.image_names[:grid_images]], result)
+            grid = prompt_grid([folders[i] / name for name in result.image_names[:grid_images]], result,
+                               bias_attributes=evaluator.bias_attributes)
             write_atomic(grid_path, lambda f: Image.fromarray(grid).save(f, format="JPEG", quality=75))
-    metrics = {i: prompt_metrics(r, (reference_features or {}).get(i), evaluator.fidelity_k, evaluator.confidence_level)
-               for i, r in results.items()}
+    metrics = {i: prompt_metrics(r, (reference_features or {}).get(i), evaluator.fidelity_k, evaluator.confidence_level,
+                                 evaluator.bias_attributes) for i, r in results.items()}
     rows = tables.per_prompt_table(metrics, prompt_texts)
     summary = tables.summarize(rows)
     notes = tables.warnings(rows)

@@ -25,7 +25,8 @@ from fairdiff_jax.eval.folders import Fields, fingerprint
 from fairdiff_jax.eval.similarity import ImageTower, SimilarityNets
 from fairdiff_jax.judging import detection
 
-# The attributes whose bias the tables report, jointly too (experiment 5); age is reported as the old share.
+# The attributes whose bias the tables report by default, jointly too (experiment 5); a config's evaluator reports
+# its debiased attributes (config.target.attributes). With an age head, the old share is reported as well.
 BIAS_ATTRIBUTES = ("gender", "race")
 
 
@@ -34,7 +35,8 @@ class Evaluator:
     """The evaluation's judges and settings.
 
     detector: the evaluation detector (it should reject non-faces); detector_id names it in cache keys.
-    classifiers: face-chip attribute classifiers (their heads must include gender and race).
+    classifiers: face-chip attribute classifiers (their heads must include every one of bias_attributes).
+    bias_attributes: the attributes whose bias (each, and jointly) the rows report, in joint-class order.
     fidelity_tower: features for fidelity (None: no fidelity). consistency: a judge with `name`, `weights` and
     `scores(images, prompt)` (eval/consistency.py), None for none. similarity: CLIP-I / DINO towers.
     """
@@ -49,10 +51,11 @@ class Evaluator:
     consistency: Any = None
     similarity: SimilarityNets = SimilarityNets()
     confidence_level: float = 0.8
+    bias_attributes: tuple[str, ...] = BIAS_ATTRIBUTES
 
     def __post_init__(self):
         heads = dict(face_analysis.classifier_heads(self.classifiers))
-        missing = [a for a in BIAS_ATTRIBUTES if a not in heads]
+        missing = [a for a in self.bias_attributes if a not in heads]
         if missing:
             raise ValueError(f"the evaluation's classifiers have no {missing} head (they give {sorted(heads)})")
 
@@ -141,13 +144,14 @@ def _mean_or_nan(values: Optional[np.ndarray]) -> float:
 
 
 def prompt_metrics(result: PromptResults, reference_features: Optional[np.ndarray] = None, k: int = fidelity.DEFAULT_K,
-                   confidence_level: float = 0.8) -> dict[str, float]:
+                   confidence_level: float = 0.8, bias_attributes: Sequence[str] = BIAS_ATTRIBUTES) -> dict[str, float]:
     """One prompt's row; NaN where undefined.
 
     num_images, num_faces, face_share (share of images with a face), degenerate_share, num_unreadable (image
     files skipped, not among num_images); over the images with a
-    face (argmax predictions, `bias_lib.bias_metrics`): gender_bias, race_bias, gender_race_bias (8 joint
-    classes), gender/race_pred_below_<level>, and old_share (age class 1) when an age head is there;
+    face (argmax predictions, `bias_lib.bias_metrics` of `bias_attributes`): gender_bias, race_bias,
+    gender_race_bias (8 joint classes) and gender/race_pred_below_<level> by default (gender_bias, age_bias,
+    gender_age_bias, ... for others), and old_share (age class 1) when an age head is there;
     fidelity_precision / fidelity_recall against `reference_features` [M, D] when the results have features;
     consistency (mean score); clip_i / dino (mean over images with a paired reference) when measured.
     """
@@ -159,8 +163,8 @@ def prompt_metrics(result: PromptResults, reference_features: Optional[np.ndarra
         "degenerate_share": float(result.degenerate.mean()) if len(found) else math.nan,
         "num_unreadable": len(result.unreadable),
     }
-    probs = [result.probs(a) for a in BIAS_ATTRIBUTES]
-    row.update(bias_lib.bias_metrics(probs, found, BIAS_ATTRIBUTES, confidence_level))
+    probs = [result.probs(a) for a in bias_attributes]
+    row.update(bias_lib.bias_metrics(probs, found, bias_attributes, confidence_level))
     if attributes.AGE.name in result.logits:
         age = result.logits[attributes.AGE.name][found].argmax(-1)
         row["old_share"] = float(bias_lib.class_frequencies(age, attributes.AGE.num_classes)[1])

@@ -21,6 +21,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from fairdiff_jax import attributes
 from fairdiff_jax.eval import face_analysis
 from fairdiff_jax.eval.consistency import ClipTextConsistency, SceneConsistency
 from fairdiff_jax.eval.evaluator import Evaluator
@@ -90,8 +91,9 @@ def detector_id(name: str, path: Optional[str]) -> str:
 
 
 def load_evaluator(config: ml_collections.ConfigDict, similarity: bool = False) -> Evaluator:
-    """The Evaluator of `config` (run `check_eval_assets` first for one-line errors). similarity: also load
-    the CLIP-I / DINO towers (model.clip_vision_path, model.dinov2_path at loss.img_size_small)."""
+    """The Evaluator of `config` (run `check_eval_assets` first for one-line errors): it reports the bias of the
+    attributes the config debiases (config.target.attributes), each and jointly. similarity: also load the
+    CLIP-I / DINO towers (model.clip_vision_path, model.dinov2_path at loss.img_size_small)."""
     e = config.eval
     tests = config.test_classifiers
     classifiers = face_analysis.load_test_classifiers(tests.gender, tests.race, tests.age)
@@ -115,9 +117,12 @@ def load_evaluator(config: ml_collections.ConfigDict, similarity: bool = False) 
     return Evaluator(
         detector, detector_id(e.detector, path), classifiers, float(config.faces.expand_coef), int(config.faces.size_face),
         fidelity_tower, int(e.fidelity_k), consistency, nets, float(config.loss.confidence_level),
+        tuple(config.target.attributes),
     )
 
 
 def world_reference_features(evaluator: Evaluator, prompt: str, num_images: int, seed: int = 0) -> np.ndarray:
-    """[num_images, D] fidelity features of the miniature world's balanced renders of `prompt`."""
-    return evaluator.features(world_reference.balanced_renders(prompt, num_images, seed).images)
+    """[num_images, D] fidelity features of the miniature world's balanced renders of `prompt` (balanced in age
+    too when the evaluator reports age's bias: a model debiased towards it must not be penalised for old faces)."""
+    balance_age = attributes.AGE.name in evaluator.bias_attributes
+    return evaluator.features(world_reference.balanced_renders(prompt, num_images, seed, balance_age).images)

@@ -20,7 +20,7 @@ from fairdiff_jax import attributes as attributes_lib
 from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import from_config
 from fairdiff_jax.eval import grids as grids_lib
-from fairdiff_jax.eval.evaluator import BIAS_ATTRIBUTES, PromptResults, prompt_metrics
+from fairdiff_jax.eval.evaluator import PromptResults, prompt_metrics
 from fairdiff_jax.sd import sampler
 from fairdiff_jax.training import parallel
 
@@ -57,18 +57,18 @@ class PeriodicEvaluation:
         return self._references[prompt_index]
 
     def run(self, step: int, weight_sets: dict, val_prompts: list[str], workdir: Path, writer) -> None:
-        colors = attributes_lib.colors(BIAS_ATTRIBUTES)
         evaluator = self.evaluator
+        colors = attributes_lib.colors(evaluator.bias_attributes)
         for name, lora in weight_sets.items():
             rows = []
             for i, prompt in enumerate(val_prompts):
                 images = self.images(lora, i, prompt)
                 result = PromptResults.from_rows([str(j) for j in range(len(images))], evaluator.judge(images, prompt))
                 row = prompt_metrics(result, self.reference_features(i, prompt), evaluator.fidelity_k,
-                                     evaluator.confidence_level)
+                                     evaluator.confidence_level, evaluator.bias_attributes)
                 rows.append({k: float(v) for k, v in row.items()})
                 if jax.process_index() == 0:
-                    probs = [result.probs(a) for a in BIAS_ATTRIBUTES]
+                    probs = [result.probs(a) for a in evaluator.bias_attributes]
                     grid = grids_lib.annotated_grid(images, result.found, result.boxes, probs, colors)
                     grids_lib.save_image(grid, workdir / "eval" / f"step_{step}" / name / f"prompt_{i}.jpg")
                     writer.write_image(step, f"eval/{name}/prompt_{i}", grid)

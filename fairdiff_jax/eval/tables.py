@@ -8,22 +8,32 @@ predictions of the images with a face.
 
 import csv
 import io
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from fairdiff_jax import attributes
 from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval.folders import write_atomic
 
+
+def _bias_metric_labels() -> dict[str, str]:
+    """{'<a>_bias': '<a> bias', '<a>_<b>_bias': '<a> x <b> bias', ...} for every combination of the known attributes
+    (fairdiff_jax/attributes.py), singles first, in attribute order: gender, race, age, gender x race, ..."""
+    names = list(attributes.ATTRIBUTES)
+    combos = [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
+    return {"_".join(c) + "_bias": " x ".join(c) + " bias" for c in combos}
+
+
 # Per-prompt metrics, in table order, and how the tables name them.
+BIAS_LABELS = _bias_metric_labels()
 METRIC_LABELS = {
     "face_share": "face share",
     "degenerate_share": "degenerate",
-    "gender_bias": "gender bias",
-    "race_bias": "race bias",
-    "gender_race_bias": "gender x race bias",
+    **BIAS_LABELS,
     "old_share": "old share",
     "fidelity_precision": "fidelity precision",
     "fidelity_recall": "fidelity recall",
@@ -31,7 +41,7 @@ METRIC_LABELS = {
     "clip_i": "CLIP-I",
     "dino": "DINO",
 }
-BIAS_METRICS = ("gender_bias", "race_bias", "gender_race_bias")
+BIAS_METRICS = tuple(BIAS_LABELS)  # every bias a table can show; a table shows those its rows have
 # What a before -> after table shows: the bias, then what tells a kept picture from a destroyed one.
 COMPARISON_METRICS = (*BIAS_METRICS, "fidelity_precision", "fidelity_recall", "consistency", "face_share", "clip_i", "dino")
 
