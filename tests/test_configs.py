@@ -84,6 +84,13 @@ def test_sibling_experiments():
     age = _load("debias_gender_race_age")
     assert age.target.attributes == ("gender", "race", "age") and age.target.marginals.age == (0.75, 0.25)
     assert dict(age.model.classifier_heads) == {"gender": 2, "race": 4, "age": 2}
+    # The miniature gender x age run: the JAX-trained classifier's 8 logits, age weighted as in the age experiment,
+    # and the classifier config's export is where the debiasing config reads it from.
+    mini_age = _load("miniature_gender_age")
+    assert mini_age.target.attributes == ("gender", "age") and mini_age.target.marginals.age == (0.5, 0.5)
+    assert dict(mini_age.model.classifier_heads) == dict(_load("classifier_miniature").model.heads)
+    assert set(mini_age.loss.factor1) == set(mini_age.loss.factor2) == {"gender", "age"}
+    assert mini_age.model.classifier_path == f"{_load('classifier_miniature').workdir}/export/classifier.pt"
 
 
 def test_overrides_parse_to_the_key_types_and_move_references():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.models import mobilenetv3
 
-from fairdiff_jax import config_cli, train_classifier
+from fairdiff_jax import train_classifier
 from fairdiff_jax.classifier import pipeline
 from fairdiff_jax.classifier.trainer import to_chips
 from fairdiff_jax.judging.mobilenet_v3 import load_mobilenet_v3
@@ -48,7 +48,7 @@ def test_train_resume_export(tmp_path, capsys):
     # The round trip is judged on the held-out faces the classifier is for: its BatchNorm statistics were
     # recomputed from ~23 chips, so uniform noise lands far outside them and float32 rounding is amplified
     # past any fixed tolerance (2026-12-03: 4e-5 of the largest logit on noise; 4.8e-6 on these faces).
-    config, _ = config_cli.parse_config_args(_args(tmp_path, 3))
+    config = train_classifier.parse_args(_args(tmp_path, 3))
     builder = pipeline.make_builder(config.data)
     chips = np.asarray(to_chips(next(pipeline.statistics_batches(builder, "test", 8, 8))))
     with torch.no_grad():
