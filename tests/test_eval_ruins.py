@@ -94,7 +94,9 @@ def test_nan_and_black_sets_are_reported_as_degenerate(stand_in_evaluator):
     for name in ("black", "nan"):
         row = rows[name]
         assert row["degenerate_share"] == 1 and row["face_share"] == 0 and row["num_faces"] == 0, name
-        assert all(np.isnan(row[m]) for m in tables.BIAS_METRICS), name
+        biases = [m for m in tables.BIAS_METRICS if m in row]
+        assert biases == ["gender_bias", "race_bias", "gender_race_bias"], name
+        assert all(np.isnan(row[m]) for m in biases), name
         assert row["fidelity_precision"] == 0, name  # a black image lies on no render's manifold
     assert rows["half nan"]["degenerate_share"] == 0.5 and rows["half nan"]["face_share"] <= 0.5
     assert np.isfinite(rows["half nan"]["consistency"])  # the judges saw black images, not NaN
