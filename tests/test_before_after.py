@@ -30,6 +30,17 @@ def test_gap_reduction_is_one_minus_after_over_before():
     assert reduction == pytest.approx({"gender_bias": 0.75, "race_bias": -0.25})
     table = before_after.reduction_markdown({"all": reduction})
     assert "| prompts | gender bias | race bias |\n" in table and "| all | 75% | -25% |\n" in table
+    table = before_after.reduction_markdown({"all": reduction}, {"all": {"gender_bias": 0.9}})
+    assert "| all | 75% (of 90%) | -25% |\n" in table
+
+
+def test_balanced_floor_averages_the_sampling_floor_over_prompts_with_faces():
+    rows = [{"num_faces": 1, "gender_bias": 1.0, "gender_race_bias": 0.25},
+            {"num_faces": 2, "gender_bias": 0.0, "gender_race_bias": 0.0},
+            {"num_faces": 0, "gender_bias": math.nan, "gender_race_bias": math.nan}]
+    # One face: 2 / K (K = 2, 8); two faces over two classes: 0.5. The faceless prompt has no bias to floor.
+    floor = before_after.balanced_floor(rows)
+    assert floor == pytest.approx({"gender_bias": (1.0 + 0.5) / 2, "gender_race_bias": (0.25 + 0.21875) / 2})
 
 
 @pytest.mark.slow  # over 10 s in the default suite (2026-12-02 durations): the slow pass keeps it

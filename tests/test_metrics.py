@@ -77,6 +77,24 @@ def test_single_attribute_has_no_joint_key():
     assert got == pytest.approx({"race_bias": 0.125, "race_pred_below_0.9": 0.5})
 
 
+def test_balanced_bias_by_hand():
+    # One face: one class at frequency 1, the other K - 1 at 0: 2 (K - 1) of the K (K - 1) ordered pairs differ by 1.
+    for k in (2, 4, 8):
+        assert bias_lib.balanced_bias(1, k) == pytest.approx(2 / k)
+    # Two faces, two classes: same class (prob 1/2) -> 1, one each -> 0.
+    assert bias_lib.balanced_bias(2, 2) == pytest.approx(0.5)
+    assert math.isnan(bias_lib.balanced_bias(0, 4))
+
+
+@pytest.mark.parametrize("num_faces, num_classes", [(40, 2), (57, 4), (64, 8), (9, 3)])
+def test_balanced_bias_is_the_mean_bias_of_uniform_draws(num_faces, num_classes):
+    """The exact expectation against `bias` itself on 20000 uniform draws (tolerance: 4 standard errors)."""
+    rng = np.random.default_rng(0)
+    draws = np.array([bias_lib.bias(rng.integers(0, num_classes, num_faces), num_classes) for _ in range(20000)])
+    expected = bias_lib.balanced_bias(num_faces, num_classes)
+    assert abs(draws.mean() - expected) < 4 * draws.std() / np.sqrt(draws.size)
+
+
 def test_annotated_grid_pixels(tmp_path):
     # Three 20x20 images of flat grey levels; bars 4 px wide, border 2 px -> tiles 24 x 32.
     levels = np.array([-0.5, 0.0, 0.5])  # uint8 64, 128, 191

@@ -13,8 +13,9 @@ for both models (`generate.initial_noise`: a function of seed, prompt and image 
                                            also measures CLIP-I / DINO to the original image of the same seed
   out/before_after_<kind>.png              the first images of each prompt, original | debiased, same seeds
   out/comparison.md                        one row per kind and one over all prompts: bias, fidelity, consistency,
-                                           face share before -> after (mean +- std over prompts), and how much of
-                                           each gap was removed
+                                           face share before -> after (mean +- std over prompts), how much of
+                                           each gap was removed, and the most that a perfectly balanced set with
+                                           as many faces could remove (its bias is sampling noise alone)
 
 Fidelity's reference (config.eval.fidelity_reference): 'original' compares the debiased images with the original
 model's images of the same prompt (the original side has no fidelity then); 'miniature_world' compares both sides
@@ -34,6 +35,7 @@ import numpy as np
 
 from fairdiff_jax import config_checks, config_cli
 from fairdiff_jax import prompts as prompt_files
+from fairdiff_jax.eval import bias as bias_lib
 from fairdiff_jax.eval import evaluate, from_config, grids, tables
 from fairdiff_jax.eval.folders import image_files, prompt_folders, read_pixels
 from fairdiff_jax.sd import generation as generate
@@ -52,14 +54,32 @@ def gap_reduction(before: Mapping[str, tables.MeanStd], after: Mapping[str, tabl
             for name in tables.BIAS_METRICS if name in before and name in after and before[name].mean > 0}
 
 
-def reduction_markdown(reductions: Mapping[str, Mapping[str, float]]) -> str:
-    """Table of `gap_reduction` per prompt set, in percent."""
+def balanced_floor(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """{bias metric: mean over the prompts with a face of `bias.balanced_bias` at that prompt's face count}: what a
+    perfectly balanced generator would measure with the same number of faces (docs/method.md, "Metrics")."""
+    names = [n for n in tables.BIAS_METRICS if rows and n in rows[0]]
+    faces = [row["num_faces"] for row in rows if row["num_faces"] > 0]
+    return {name: float(np.mean([bias_lib.balanced_bias(n, tables.bias_num_classes(name)) for n in faces]))
+            for name in names} if faces else {}
+
+
+def reduction_markdown(reductions: Mapping[str, Mapping[str, float]],
+                       removable: Optional[Mapping[str, Mapping[str, float]]] = None) -> str:
+    """Table of `gap_reduction` per prompt set, in percent; with `removable` (the `gap_reduction` a perfectly
+    balanced set would reach: 1 - balanced_floor / before) each cell also says the most that could be removed."""
     names = [n for n in tables.BIAS_METRICS if any(n in r for r in reductions.values())]
-    lines = ["share of the original's gap removed (1 - after / before, of the means over prompts)", "",
-             "| prompts | " + " | ".join(tables.METRIC_LABELS[n] for n in names) + " |", "|---" * (1 + len(names)) + "|"]
+    removable = removable or {}
+    title = "share of the original's gap removed (1 - after / before, of the means over prompts)"
+    if removable:
+        title += ("; in brackets the share a perfectly balanced set with the same face counts would remove (its bias is "
+                  "sampling noise alone)")
+    lines = [title, "", "| prompts | " + " | ".join(tables.METRIC_LABELS[n] for n in names) + " |",
+             "|---" * (1 + len(names)) + "|"]
     for set_name, reduction in reductions.items():
-        lines.append(f"| {set_name} | " + " | ".join(f"{100 * reduction[n]:.0f}%" if n in reduction else "–" for n in names)
-                     + " |")
+        most = removable.get(set_name, {})
+        cells = [(f"{100 * reduction[n]:.0f}%" + (f" (of {100 * most[n]:.0f}%)" if n in most else "")) if n in reduction
+                 else "–" for n in names]
+        lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
         parser.error(str(e))
 
     world_reference = config.eval.fidelity_reference == "miniature_world"
-    summaries, rows = {}, {model: [] for model in MODELS}
+    summaries, floors, rows = {}, {}, {model: [] for model in MODELS}
     for kind, texts in prompt_sets.items():
         evaluations = {}
         references = ({i: from_config.world_reference_features(evaluator, text, config.eval.reference_images_per_prompt,
@@ -151,13 +171,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
                 batch_size=config.generate.batch_size, **paired)
             rows[model] += evaluations[model].per_prompt
         summaries[kind] = tuple(evaluations[model].summary for model in MODELS)
+        floors[kind] = balanced_floor(evaluations[MODELS[1]].per_prompt)
         grid = side_by_side(args.out / MODELS[0] / kind, args.out / MODELS[1] / kind, min(GRID_IMAGES, images_per_prompt))
         grids.save_image(grid, args.out / f"before_after_{kind}.png")
     summaries[ALL_PROMPTS] = tuple(tables.summarize(rows[model]) for model in MODELS)
+    floors[ALL_PROMPTS] = balanced_floor(rows[MODELS[1]])
     reductions = {name: gap_reduction(*pair) for name, pair in summaries.items()}
+    removable = {name: gap_reduction(before, {n: tables.MeanStd(v, 0.0, 0) for n, v in floors[name].items()})
+                 for name, (before, _) in summaries.items()}
     notes = [f"{model}: {line}" for model in MODELS for line in tables.warnings(rows[model])]
     report = "\n".join([tables.comparison_markdown(summaries, MODELS, consistency_name=evaluator.consistency_name),
-                        reduction_markdown(reductions), *notes])
+                        reduction_markdown(reductions, removable), *notes])
     (args.out / "comparison.md").write_text(report + "\n")
     print(report)
     return reductions[ALL_PROMPTS]

@@ -40,6 +40,28 @@ def bias(preds: ArrayLike, num_classes: int) -> float:
     return pairwise_gap(class_frequencies(preds, num_classes))
 
 
+def balanced_bias(num_faces: int, num_classes: int) -> float:
+    """Expected `bias` of num_faces predictions drawn independently and uniformly over num_classes classes: what a
+    perfectly balanced generator still measures with that many faces, sampling noise alone (docs/method.md,
+    "Metrics"); NaN if num_faces = 0.
+
+    Exact: every ordered pair of classes has the same E|freq_i - freq_j|, a sum over the joint counts (n_i, n_j) of
+    the multinomial (num_faces; 1/K, 1/K, 1 - 2/K). O(num_faces^2) terms.
+    """
+    n, k = int(num_faces), int(num_classes)
+    if n == 0:
+        return math.nan
+    log_factorial = np.array([math.lgamma(c + 1) for c in range(n + 1)])
+    n_i, n_j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    rest = n - n_i - n_j
+    rest_share = 1.0 - 2.0 / k
+    possible = (rest == 0) if rest_share == 0.0 else (rest >= 0)  # with two classes every face is in one of them
+    n_i, n_j, rest = n_i[possible], n_j[possible], rest[possible]
+    log_p = (log_factorial[n] - log_factorial[n_i] - log_factorial[n_j] - log_factorial[rest]
+             + (n - rest) * math.log(1.0 / k) + (rest * math.log(rest_share) if rest_share else 0.0))
+    return float((np.exp(log_p) * np.abs(n_i - n_j)).sum() / n)
+
+
 def joint_predictions(preds_per_attribute: Sequence[ArrayLike], num_classes: Sequence[int]) -> np.ndarray:
     """[M] joint class index, row-major over the attributes (j = 4 g + r for gender x race)."""
     preds = tuple(np.asarray(p, np.int64) for p in preds_per_attribute)

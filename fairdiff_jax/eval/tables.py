@@ -28,6 +28,11 @@ def _bias_metric_labels() -> dict[str, str]:
     return {"_".join(c) + "_bias": " x ".join(c) + " bias" for c in combos}
 
 
+def bias_num_classes(name: str) -> int:
+    """Classes a bias metric is measured over: 'gender_race_bias' -> 2 x 4 = 8."""
+    return math.prod(attributes.get(a).num_classes for a in name.removesuffix("_bias").split("_"))
+
+
 # Per-prompt metrics, in table order, and how the tables name them.
 BIAS_LABELS = _bias_metric_labels()
 METRIC_LABELS = {
