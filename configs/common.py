@@ -63,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 5e-5  # constant, no warm-up
+    config.optim.decay_steps = 0  # 0: constant (the original); N: a half cosine from learning_rate to 0 over N updates
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8

@@ -57,6 +57,7 @@ RULES = (
     ("optim.eps", finite_at_least(0.0, strict=True)),
     ("optim.weight_decay", finite_at_least(0.0)),
     ("optim.ema_decay", finite_in(0.0, 1.0)),
+    ("optim.decay_steps", integer_at_least(0)),
     ("lora.rank", integer_at_least(1)),
     ("model.guidance_scale", finite()),
     ("train.max_steps", integer_at_least(1)),

@@ -132,7 +132,7 @@ def step_setup(config, sd, judges, judge_variables, mesh):
     frozen = parallel.replicate(debias_step.frozen_weights(sd, judge_variables), mesh)
     lora = debias_step.init_lora(jax.random.key(0), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet)
     o = config.optim
-    tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+    tx = optim.optimizer_from_config(o)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, 0), mesh)
     return stages, debias_step.make_train_step(stages), frozen, state
 

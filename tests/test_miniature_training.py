@@ -87,7 +87,7 @@ def run(world) -> Run:
     for seed in SEEDS:
         lora = debias_step.init_lora(jax.random.key(seed), sd, config.lora.rank, config.lora.train_text_encoder,
                                      config.lora.train_unet)
-        tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+        tx = optim.optimizer_from_config(o)
         state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, seed), mesh)
         first_key = debias_step.step_key(state.rng, 0)
         prepared = debias_step.prepare(stages, state.params, frozen, PROMPT, DENOISING_STEPS, 0, first_key)

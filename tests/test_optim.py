@@ -53,15 +53,20 @@ def test_ema_first_updates_by_hand():
     assert int(state.ema_count) == 4
 
 
-def test_matches_torch_adamw_and_diffusers_ema_with_a_skipped_step():
-    """The original's loop: grads -> (finite?) AdamW step -> EMA step; a non-finite step does neither."""
+@pytest.mark.parametrize("learning_rate, decay_steps", [(5e-5, 0), (1e-3, 7)])
+def test_matches_torch_adamw_and_diffusers_ema_with_a_skipped_step(learning_rate, decay_steps):
+    """The original's loop: grads -> (finite?) AdamW step -> EMA step; a non-finite step does neither. With
+    decay_steps, the cosine decay is torch's CosineAnnealingLR(T_max=decay_steps), stepped after each applied
+    update (a skipped step moves neither schedule)."""
     params = _params()
     leaves, treedef = jax.tree.flatten(params)
     torch_params = [torch.nn.Parameter(torch.tensor(x)) for x in leaves]
-    torch_opt = torch.optim.AdamW(torch_params, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    torch_opt = torch.optim.AdamW(torch_params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(torch_opt, T_max=decay_steps) if decay_steps else None
     torch_ema = EMAModel(torch_params, decay=0.996)
 
-    state = jax.jit(lambda p: optim.create_train_state(p, optim.make_optimizer(), 0.996, seed=5991))(params)
+    tx = optim.make_optimizer(learning_rate, decay_steps=decay_steps)
+    state = jax.jit(lambda p: optim.create_train_state(p, tx, 0.996, seed=5991))(params)
     step_fn = jax.jit(optim.apply_gradients)
     nan_step = 3
     for step in range(8):
@@ -74,6 +79,8 @@ def test_matches_torch_adamw_and_diffusers_ema_with_a_skipped_step():
             for p, g in zip(torch_params, jax.tree.leaves(grads)):
                 p.grad = torch.tensor(g)
             torch_opt.step()
+            if torch_schedule is not None:
+                torch_schedule.step()
             torch_ema.step(torch_params)
     assert int(state.step) == 8 and int(state.ema_count) == 7 == torch_ema.optimization_step
     assert int(state.opt_state[0].count) == 7

@@ -62,3 +62,15 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
     workdir.check_resumed_config(tmp_path, _config(micro_batch_size=1), allow_change=True)
     assert json.loads((tmp_path / "config.previous.json").read_text())["train"]["micro_batch_size"] == 2
     assert "resuming with a changed config (train.micro_batch_size: 2 -> 1)" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_change_of_what_the_checkpoints_hold_even_when_allowed(tmp_path):
+    config = lambda **optim: json.dumps({"workdir": "w", "lora": {"rank": 8}, "optim": {"decay_steps": 0, **optim}})  # noqa: E731
+    (tmp_path / "config.json").write_text(config())
+    with pytest.raises(workdir.ConfigChangedError, match=r"optim.decay_steps: 0 -> 96.*new --workdir"):
+        workdir.check_resumed_config(tmp_path, config(decay_steps=96), allow_change=True)
+    (tmp_path / "config.json").write_text(config(decay_steps=96))
+    workdir.check_resumed_config(tmp_path, config(decay_steps=192), allow_change=True)  # a longer schedule: same state
+    (tmp_path / "config.json").write_text(config())
+    with pytest.raises(workdir.ConfigChangedError, match=r"lora.rank: 8 -> 4"):
+        workdir.check_resumed_config(tmp_path, json.dumps({"workdir": "w", "lora": {"rank": 4}}), allow_change=True)

@@ -271,7 +271,7 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
         jax.random.key(config.seed), sd, config.lora.rank, config.lora.train_text_encoder, config.lora.train_unet
     )
     o = config.optim
-    tx = optim.make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+    tx = optim.optimizer_from_config(o)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, config.seed), mesh)
 
     position = {"epoch": 0, "index": 0}

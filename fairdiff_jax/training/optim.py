@@ -39,9 +39,21 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    decay_steps: int = 0,
 ) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate, decaying every leaf (as torch AdamW did on the LoRA factors)."""
+    """AdamW, decaying every leaf (as torch AdamW did on the LoRA factors). The learning rate is constant (the
+    original's) with decay_steps = 0; else it falls along a half cosine from `learning_rate` at the first applied
+    update to 0 after `decay_steps` of them (and stays 0): lr_k = learning_rate * (1 + cos(pi k / decay_steps)) / 2.
+    Skipped steps do not advance it (Adam's count does not move)."""
+    if decay_steps:
+        learning_rate = optax.cosine_decay_schedule(learning_rate, decay_steps)
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def optimizer_from_config(optim_config) -> optax.GradientTransformation:
+    """`make_optimizer` of a config's `optim` section (configs/common.py)."""
+    o = optim_config
+    return make_optimizer(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay, o.decay_steps)
 
 
 def ema_decay_at(update_index: jax.Array, max_decay: float) -> jax.Array:

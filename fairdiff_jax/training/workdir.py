@@ -20,6 +20,11 @@ from typing import Any, Mapping
 LOCK_NAME = "train.lock"
 # Keys a resumed run may change without --allow_config_change: where the run lives and how long it goes on.
 RESUMABLE_KEYS = ("workdir", "train.max_steps")
+# What the checkpointed train state's tree is made of: a run saved with one value cannot restore as another, even
+# with --allow_config_change. Each key maps to the part of its value that matters: for optim.decay_steps only
+# whether it is 0, since a learning-rate schedule adds a count to AdamW's state.
+STATE_SHAPING_KEYS = {"lora.rank": lambda v: v, "lora.train_text_encoder": lambda v: v,
+                      "lora.train_unet": lambda v: v, "optim.decay_steps": bool}
 
 
 class WorkdirBusyError(RuntimeError):
@@ -105,7 +110,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resumed_config(workdir: Path, config_json: str, allow_change: bool) -> None:
     """Compares a resumed run's config (JSON text, as config.json holds it) with workdir/config.json. Raises
     ConfigChangedError listing every changed key outside RESUMABLE_KEYS unless `allow_change`; with it, the old
-    file is kept as config.previous.json beside the new one."""
+    file is kept as config.previous.json beside the new one. A change of STATE_SHAPING_KEYS is refused always."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
@@ -114,6 +119,11 @@ def check_resumed_config(workdir: Path, config_json: str, allow_change: bool) ->
     except ValueError as e:
         raise ConfigChangedError(f"{path} is unreadable ({e}): cannot tell whether --resume changes the config") from e
     now = _flatten(json.loads(config_json))
+    reshaped = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key, shape in STATE_SHAPING_KEYS.items()
+                if shape(before.get(key)) != shape(now.get(key))]
+    if reshaped:
+        raise ConfigChangedError(f"--resume cannot change what {path.parent}'s checkpoints are made of "
+                                 f"({'; '.join(reshaped)}): start a new --workdir")
     changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
                if key not in RESUMABLE_KEYS and before.get(key) != now.get(key)]
     if not changed:
