@@ -88,12 +88,14 @@ def _flatten(tree, prefix=""):
 @pytest.mark.slow  # ~6 min on a busy 2-core CPU (3 training processes, compiling 2 step counts)
 def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
     whole = tmp_path / "whole"
+    # Both runs decay the learning rate over the 4 steps, so the schedule's count must resume too.
+    decay = "--config.optim.decay_steps=4"
     # The uninterrupted run also evaluates at step 0 (current and EMA weights).
-    train(whole, assets, compile_cache, "--config.train.max_steps=4", "--config.eval.at_start=true")
+    train(whole, assets, compile_cache, "--config.train.max_steps=4", "--config.eval.at_start=true", decay)
     split = tmp_path / "split"
-    train(split, assets, compile_cache, "--config.train.max_steps=2")
+    train(split, assets, compile_cache, "--config.train.max_steps=2", decay)
     assert export.available_steps(split / "checkpoints") == [2]
-    resumed = train(split, assets, compile_cache, "--config.train.max_steps=4", resume=True)
+    resumed = train(split, assets, compile_cache, "--config.train.max_steps=4", decay, resume=True)
     assert "resumed from step 2" in resumed.stderr
     assert "training on 2 device(s): cpu (cpu)" in resumed.stderr
     assert "is about to train on the CPU" not in resumed.stderr  # a 32 px model: no device warning (TensorFlow logs its own WARNING lines)
@@ -117,6 +119,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
     for a, b in zip(train_logs, split_logs):
         assert (a["prompt"], a["denoising_steps"]) == (b["prompt"], b["denoising_steps"])
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    # The logged rate is the half cosine at the updates applied before each step: lr (1 + cos(pi k / 4)) / 2.
+    learning_rate = json.loads((whole / "config.json").read_text())["optim"]["learning_rate"]
+    applied = np.cumsum([0] + [m["skipped"] == 0 for m in train_logs[:-1]])
+    for logs in (train_logs, split_logs):
+        np.testing.assert_allclose([m["learning_rate"] for m in logs],
+                                   learning_rate * (1 + np.cos(np.pi * applied / 4)) / 2, rtol=1e-6)
     logged = set().union(*train_logs)
     assert {"loss_CLIP", "loss_DINO", "loss_face", "loss_fair_gender", "gender_bias", "race_bias", "gender_race_bias"} <= logged
     assert {m["denoising_steps"] for m in train_logs} <= {2, 3}

@@ -272,6 +272,7 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
     )
     o = config.optim
     tx = optim.optimizer_from_config(o)
+    learning_rate = optim.learning_rate_schedule(o.learning_rate, o.decay_steps)
     state = parallel.replicate(optim.create_train_state(lora, tx, o.ema_decay, config.seed), mesh)
 
     position = {"epoch": 0, "index": 0}
@@ -298,6 +299,7 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
             epoch, index, prompt = next(prompt_stream)
             num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
             key = debias_step.step_key(state.rng, step)
+            applied = int(np.asarray(state.ema_count.addressable_data(0)))  # updates so far (skipped steps are not)
             prepared = debias_step.prepare(stages, state.params, frozen, prompt, num_steps, step, key)
             state, step_metrics = train_step(state, prepared.constants, prepared.batch, key)
             position = next_position(epoch, index, len(train_prompts))
@@ -307,6 +309,7 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
             logged.update(ot_targets.target_shares(prepared.targets, prepared.probs, judges.attributes))
             logged.update(
                 loss=float(step_metrics["loss"]), skipped=int(step_metrics["skipped"]), grad_norm=float(step_metrics["grad_norm"]),
+                learning_rate=float(learning_rate(applied)),
                 faces=int(prepared.detections.found.sum()), denoising_steps=num_steps, seconds=time.perf_counter() - started,
             )
             if (step + 1) % t.log_every_steps == 0:

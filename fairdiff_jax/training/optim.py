@@ -45,9 +45,16 @@ def make_optimizer(
     original's) with decay_steps = 0; else it falls along a half cosine from `learning_rate` at the first applied
     update to 0 after `decay_steps` of them (and stays 0): lr_k = learning_rate * (1 + cos(pi k / decay_steps)) / 2.
     Skipped steps do not advance it (Adam's count does not move)."""
+    # A constant rate stays a float: its AdamW state has no schedule count, as checkpoints of such runs hold.
+    rate = learning_rate_schedule(learning_rate, decay_steps) if decay_steps else learning_rate
+    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def learning_rate_schedule(learning_rate: float, decay_steps: int = 0) -> optax.Schedule:
+    """The learning rate of the update after `k` applied ones (`make_optimizer`'s rule), k an int."""
     if decay_steps:
-        learning_rate = optax.cosine_decay_schedule(learning_rate, decay_steps)
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        return optax.cosine_decay_schedule(learning_rate, decay_steps)
+    return optax.constant_schedule(learning_rate)
 
 
 def optimizer_from_config(optim_config) -> optax.GradientTransformation:
