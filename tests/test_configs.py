@@ -91,6 +91,10 @@ def test_sibling_experiments():
     assert dict(mini_age.model.classifier_heads) == dict(_load("classifier_miniature").model.heads)
     assert set(mini_age.loss.factor1) == set(mini_age.loss.factor2) == {"gender", "age"}
     assert mini_age.model.classifier_path == f"{_load('classifier_miniature').workdir}/export/classifier.pt"
+    # The longer miniature run: the demo's recipe with the learning rate decayed over all of its steps.
+    long, demo = _load("miniature_long"), _load("miniature")
+    assert long.optim.decay_steps == long.train.max_steps == 384 and demo.optim.decay_steps == 0
+    assert long.optim.learning_rate == demo.optim.learning_rate and long.train.images_per_prompt == 40
 
 
 def test_overrides_parse_to_the_key_types_and_move_references():
