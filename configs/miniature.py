@@ -11,8 +11,9 @@ Run (from the repository root; scripts/demo.sh does this and the evaluation befo
         python -m fairdiff_jax.train --config configs/miniature.py --workdir workdirs/miniature
 
 What to expect: the original model is strongly biased on every kind of prompt; the demo's 32 steps lower the
-gaps a little with the pictures kept, longer runs (--config.train.max_steps=96) somewhat more. Measured runs,
-their commands and what holds them back: README.md, "Measured with the evaluation judges".
+gaps a little with the pictures mostly kept; configs/miniature_long.py (384 steps, decaying learning rate) lowers
+them more with the pictures kept. Measured runs, their commands and what holds them back: README.md, "Measured
+with the evaluation judges".
 """
 
 from configs import common
