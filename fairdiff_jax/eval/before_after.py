@@ -54,13 +54,13 @@ def gap_reduction(before: Mapping[str, tables.MeanStd], after: Mapping[str, tabl
             for name in tables.BIAS_METRICS if name in before and name in after and before[name].mean > 0}
 
 
-def balanced_floor(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """{bias metric: mean over the prompts with a face of `bias.balanced_bias` at that prompt's face count}: what a
-    perfectly balanced generator would measure with the same number of faces (docs/method.md, "Metrics")."""
+def balanced_floor(rows: Sequence[Mapping[str, float]]) -> dict[str, tables.MeanStd]:
+    """`tables.summarize` of each prompt's `bias.balanced_bias` at its face count, per bias metric the rows have: what
+    a perfectly balanced generator would measure with the same faces (docs/method.md, "Metrics"); faceless prompts
+    are skipped as their bias is."""
     names = [n for n in tables.BIAS_METRICS if rows and n in rows[0]]
-    faces = [row["num_faces"] for row in rows if row["num_faces"] > 0]
-    return {name: float(np.mean([bias_lib.balanced_bias(n, tables.bias_num_classes(name)) for n in faces]))
-            for name in names} if faces else {}
+    return tables.summarize([{n: bias_lib.balanced_bias(row["num_faces"], tables.bias_num_classes(n)) for n in names}
+                             for row in rows])
 
 
 def reduction_markdown(reductions: Mapping[str, Mapping[str, float]],
@@ -177,8 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     summaries[ALL_PROMPTS] = tuple(tables.summarize(rows[model]) for model in MODELS)
     floors[ALL_PROMPTS] = balanced_floor(rows[MODELS[1]])
     reductions = {name: gap_reduction(*pair) for name, pair in summaries.items()}
-    removable = {name: gap_reduction(before, {n: tables.MeanStd(v, 0.0, 0) for n, v in floors[name].items()})
-                 for name, (before, _) in summaries.items()}
+    removable = {name: gap_reduction(before, floors[name]) for name, (before, _) in summaries.items()}
     notes = [f"{model}: {line}" for model in MODELS for line in tables.warnings(rows[model])]
     report = "\n".join([tables.comparison_markdown(summaries, MODELS, consistency_name=evaluator.consistency_name),
                         reduction_markdown(reductions, removable), *notes])
