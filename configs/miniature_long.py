@@ -20,6 +20,6 @@ def get_config():
     # Over the whole run: the same summed learning rate in 2x the steps at a falling rate costs the pictures far
     # less than constant steps (measured: README.md).
     config.optim.decay_steps = config.train.max_steps
-    config.eval.every_steps = 128  # a look at steps 128 and 256; before_after measures the result
+    config.eval.every_steps = 128  # a look at steps 128, 256 and 384 (validation prompts); before_after measures
     config.ckpt.permanent_every_steps = 128
     return config

@@ -90,8 +90,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
     whole = tmp_path / "whole"
     # Both runs decay the learning rate over the 4 steps, so the schedule's count must resume too.
     decay = "--config.optim.decay_steps=4"
-    # The uninterrupted run also evaluates at step 0 (current and EMA weights).
-    train(whole, assets, compile_cache, "--config.train.max_steps=4", "--config.eval.at_start=true", decay)
+    # The uninterrupted run also evaluates (current and EMA weights) at step 0 and, every 4 steps, at its last.
+    train(whole, assets, compile_cache, "--config.train.max_steps=4", "--config.eval.at_start=true",
+          "--config.eval.every_steps=4", decay)
     split = tmp_path / "split"
     train(split, assets, compile_cache, "--config.train.max_steps=2", decay)
     assert export.available_steps(split / "checkpoints") == [2]
@@ -130,12 +131,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, assets, compile_cache):
     assert {m["denoising_steps"] for m in train_logs} <= {2, 3}
 
     evals = [m for m in read_metrics(whole) if m["kind"] == "eval"]
-    assert len(evals) == 2 and all(m["step"] == 0 for m in evals)
+    assert [m["step"] for m in evals] == [0, 0, 4, 4]
     # The evaluator of before_after, under the training log's names: bias beside fidelity, consistency, face share.
-    for weights, logged_eval in zip(("current", "ema"), evals):
+    for weights, logged_eval in zip(("current", "ema", "current", "ema"), evals):
         assert {f"{weights}/{m}" for m in ("gender_bias", "gender_race_bias", "face_share", "degenerate_share",
                                            "fidelity_precision", "fidelity_recall", "consistency")} <= set(logged_eval)
-    assert len(list((whole / "eval" / "step_0" / "current").glob("prompt_*.jpg"))) == 4  # 1 per kind
+    for step in (0, 4):
+        assert len(list((whole / "eval" / f"step_{step}" / "current").glob("prompt_*.jpg"))) == 4  # 1 per kind
 
     # Export, then generate with the exported LoRA files.
     out = tmp_path / "exported"

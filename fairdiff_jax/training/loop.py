@@ -289,12 +289,18 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
     prompt_stream = prompts.iterate_prompts(train_prompts, config.data.shuffle_seed, position["epoch"], position["index"])
     t = config.train
     guard, healthy = health.BadStepGuard(t.max_bad_steps), True
+
+    def evaluate_if_due(step: int) -> None:
+        """The periodic evaluation of the weights after `step` updates: at 0 if eval.at_start, then every
+        eval.every_steps, the last step included."""
+        if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
+            weight_sets = {"current": state.params, **({"ema": state.ema_params} if config.eval.ema else {})}
+            evaluation.run(step, weight_sets, val_prompts, workdir, writer)
+
     with checkpointer, contextlib.closing(writer), tqdm(total=t.max_steps, initial=start, desc="train",
                                                         disable=jax.process_index() != 0) as bar:
         for step in range(start, t.max_steps):
-            if (step == 0 and config.eval.at_start) or (step > 0 and step % config.eval.every_steps == 0):
-                weight_sets = {"current": state.params, **({"ema": state.ema_params} if config.eval.ema else {})}
-                evaluation.run(step, weight_sets, val_prompts, workdir, writer)
+            evaluate_if_due(step)
             started = time.perf_counter()
             epoch, index, prompt = next(prompt_stream)
             num_steps = debias_step.denoising_steps_of(config.seed, step, t.min_denoising_steps, t.max_denoising_steps)
@@ -326,6 +332,8 @@ def _train(config, workdir: Path, resume: bool, allow_config_change: bool, train
                 checkpointer.save(state, position)
         if healthy:
             checkpointer.save(state, position, force=True)
+            if start < t.max_steps:  # a resumed run that had nothing left to train was evaluated before
+                evaluate_if_due(t.max_steps)
         else:
             print(f"warning: the last step's state is not finite: no checkpoint of step {t.max_steps} "
                   f"(the newest is {checkpointer.latest_step()})", file=sys.stderr)
