@@ -206,6 +206,24 @@ def test_few_images_leave_most_race_targets_uncertain():
     assert few < 0.45 and many > 0.55, (few, many)
 
 
+def test_targets_stop_short_of_balance_below_the_uncertainty_threshold():
+    # The dead zone near balance (docs/method.md#ot-targets): 31 confident faces, 20 of one gender. Balancing
+    # needs 4.5 of them to change; the sampled balanced counts vary by about 2.8 faces, so at threshold 0.2 only
+    # the faces that most draws send over get a target (0.8 of 4.5 over these 5 seeds), while every other face
+    # is told to stay. At 0.5 (every gender argmax is a target) most of the surplus is asked to change (3.6).
+    def changed(threshold, seed):
+        rng = np.random.default_rng(seed)
+        male = np.concatenate([rng.uniform(0.85, 0.99, 20), rng.uniform(0.01, 0.15, 11)])
+        gender = np.stack([male, 1 - male], 1)
+        race = np.full((31, 4), 0.02)
+        race[np.arange(31), rng.integers(0, 4, 31)] = 0.94
+        got = targets_lib.optimal_transport_targets([gender, race], np.ones(31, bool), seed, num_samples=200,
+                                                    threshold=threshold)
+        return np.sum((got.targets[0] >= 0) & (got.targets[0] != gender.argmax(1)))
+    strict, loose = (np.mean([changed(t, s) for s in range(5)]) for t in (0.2, 0.5))
+    assert strict < 1.5 and loose > 3.0, (strict, loose)
+
+
 def test_bad_arguments_raise():
     probs = [np.full((3, 2), 0.5), np.full((3, 4), 0.25)]
     with pytest.raises(ValueError, match="attributes"):
